@@ -1,0 +1,140 @@
+"""torch.export of a loaded model into a `Program`, with the recipe's dynamic dimensions."""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .errors import ExportError
+from .inputs import export_example_sizes, make_inputs
+from .ir import DimRange, Program, TensorSpec, dtype_name, symbolic_shape
+
+
+class ExportAdapter(torch.nn.Module):
+    """Calls the model with the recipe's inputs as keywords and returns the chosen outputs as a flat tuple.
+
+    Positional tensors in, a tuple of tensors out: the exported signature is then exactly the recipe's
+    inputs and outputs, whatever the model's own calling convention (ModelOutput, tuple, tensor).
+    """
+
+    def __init__(self, model: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str] | None = None):
+        super().__init__()
+        self.model = model
+        self.input_names = list(input_names)
+        self.output_names = list(output_names) if output_names is not None else None
+        params = inspect.signature(model.forward).parameters
+        # Decoders return a cache object by default, which is not a tensor output; full-forward export
+        # has no cache. (Issue 4 makes the KV cache explicit.)
+        self.call_kwargs: dict[str, Any] = {}
+        if "use_cache" in params:
+            self.call_kwargs["use_cache"] = False
+        if "return_dict" in params:
+            self.call_kwargs["return_dict"] = True
+
+    def raw(self, *args: torch.Tensor) -> Any:
+        return self.model(**dict(zip(self.input_names, args, strict=True)), **self.call_kwargs)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = named_tensor_outputs(self.raw(*args))
+        return tuple(out[name] for name in self.output_names)
+
+    def named(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Eager run on named inputs, named outputs: the reference for every check."""
+        with torch.no_grad():
+            values = self(*(inputs[n] for n in self.input_names))
+        return dict(zip(self.output_names, values, strict=True))
+
+
+def named_tensor_outputs(out: Any) -> dict[str, torch.Tensor]:
+    """Name a model's tensor outputs: ModelOutput/dict keys, `output_<i>` for tuples, `output` for a tensor."""
+    if isinstance(out, torch.Tensor):
+        return {"output": out}
+    if isinstance(out, Mapping):
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    if isinstance(out, (tuple, list)):
+        return {f"output_{i}": v for i, v in enumerate(out) if isinstance(v, torch.Tensor)}
+    raise ExportError(f"the model returned {type(out).__name__}; compilekit needs tensors, a tuple or a dict of them")
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The innermost frame outside torch: usually the model code that export could not trace."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        f = frame.filename.replace("\\", "/")
+        if "/torch/" not in f and "/compilekit/" not in f and "/site-packages/torch" not in f:
+            return f"{frame.filename}:{frame.lineno} in {frame.name}: {frame.line}"
+    return None
+
+
+_HINTS = [
+    ("specialized it to be a constant", "a dynamic dim was fixed by the model's code; narrow its min/max, or "
+     "declare a fixed size for it in `inputs[].shape`"),
+    ("Constraints violated", "the model's code restricts a dynamic dim; set that dim's min/max to the range "
+     "the error suggests"),
+    ("data-dependent", "the model branches on tensor values; the branch must be removed or made static "
+     "(for example pass a fixed `attn_implementation`)"),
+    ("Unsupported", "the model uses a Python construct torch.export cannot trace; see the frame above"),
+]
+
+
+def export_program(adapter: ExportAdapter, recipe_inputs, recipe_dims: Mapping[str, Any], *,
+                   vocab_size: int | None, seed: int = 0) -> Program:
+    """Export `adapter` with one torch Dim per recipe dim and return a runnable Program."""
+    sizes = export_example_sizes(recipe_dims)
+    gen = torch.Generator().manual_seed(seed)
+    example = make_inputs(recipe_inputs, sizes, vocab_size=vocab_size, generator=gen)
+    args = tuple(example[s.name] for s in recipe_inputs)
+
+    torch_dims = {name: torch.export.Dim(name, min=d.min, max=d.max) for name, d in recipe_dims.items()}
+    dynamic = tuple(
+        {axis: torch_dims[size] for axis, size in enumerate(spec.shape) if isinstance(size, str)} or None
+        for spec in recipe_inputs
+    )
+    try:
+        ep = torch.export.export(adapter, args, dynamic_shapes={"args": dynamic}, strict=False)
+    except Exception as exc:  # torch.export raises many unrelated types; all mean "did not export"
+        text = str(exc).strip()
+        head = "\n    ".join(text.splitlines()[:12])
+        frame = _user_frame(exc)
+        hint = next((h for key, h in _HINTS if key in text), "run `compilekit inspect` on a smaller config to "
+                    "isolate the construct, or report the model")
+        where = f"\n  failing construct: {frame}" if frame else ""
+        raise ExportError(f"torch.export failed ({type(exc).__name__}):\n    {head}{where}", hint=hint) from None
+
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    user_inputs = ep.graph_signature.user_inputs
+    by_name = {n.name: n for n in placeholders}
+    symbols: dict[str, str] = {}
+    for spec, ph_name in zip(recipe_inputs, user_inputs, strict=True):
+        val = by_name[ph_name].meta["val"]
+        for axis, size in enumerate(spec.shape):
+            if isinstance(size, str) and not isinstance(val.shape[axis], int):
+                symbols[str(val.shape[axis].node.expr)] = size
+    inputs = tuple(TensorSpec(s.name, s.dtype, tuple(s.shape)) for s in recipe_inputs)
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    out_vals = [a.meta["val"] for a in out_node.args[0] if isinstance(a, torch.fx.Node)]
+    user_out = len(ep.graph_signature.user_outputs)
+    out_vals = out_vals[-user_out:]  # buffer mutations come first in the output node
+    outputs = tuple(TensorSpec(name, dtype_name(v.dtype), symbolic_shape(v, symbols))
+                    for name, v in zip(adapter.output_names, out_vals, strict=True))
+    dims = tuple(DimRange(name, d.min, d.opt, d.max) for name, d in recipe_dims.items())
+    return Program(ep=ep, inputs=inputs, outputs=outputs, dims=dims)
+
+
+def discover_outputs(adapter: ExportAdapter, example: Mapping[str, torch.Tensor], wanted: Sequence[str] | None) -> list[str]:
+    """Pick the outputs to compile: the recipe's list (checked), else every tensor output."""
+    with torch.no_grad():
+        available = named_tensor_outputs(adapter.raw(*(example[n] for n in adapter.input_names)))
+    if not available:
+        raise ExportError("the model returned no tensor outputs")
+    if wanted is None:
+        return list(available)
+    unknown = [w for w in wanted if w not in available]
+    if unknown:
+        raise ExportError(f"model.outputs names {unknown}, which the model does not return",
+                          hint=f"the model returns: {list(available)}")
+    return list(wanted)

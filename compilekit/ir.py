@@ -1,0 +1,199 @@
+"""The IR: `Program`, a `torch.export.ExportedProgram` plus compilekit's metadata.
+
+Invariant: a Program always runs in PyTorch (`program.run(inputs)`), after export and after every pass.
+Programs are treated as immutable; a pass that changes the graph returns a new Program (`with_graph`),
+which shares the weights with the old one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+
+@dataclass(frozen=True)
+class DimRange:
+    name: str
+    min: int
+    opt: int
+    max: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ProgramSummary:
+    nodes: int
+    ops: dict[str, int]
+    parameters: int
+    parameter_bytes: int
+    constant_bytes: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: tuple[DimRange, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nodes": self.nodes, "ops": self.ops, "parameters": self.parameters,
+            "parameter_bytes": self.parameter_bytes, "constant_bytes": self.constant_bytes,
+            "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
+            "dims": {d.name: d.to_dict() for d in self.dims},
+        }
+
+
+def op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}" + ("" if target._overloadname == "default" else f".{target._overloadname}")
+    return getattr(target, "__name__", str(target))
+
+
+def op_histogram(graph: torch.fx.Graph) -> dict[str, int]:
+    counts = Counter(op_name(n) for n in graph.nodes if n.op == "call_function")
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+@dataclass(frozen=True)
+class Program:
+    ep: ExportedProgram
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: tuple[DimRange, ...]
+    precision: str = "float32"
+    kv_layout: dict[str, Any] | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    # ------------------------------------------------------------------------------------- running
+    @cached_property
+    def _module(self) -> torch.nn.Module:
+        return self.ep.module()
+
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the program in PyTorch on named inputs; returns named outputs."""
+        missing = [s.name for s in self.inputs if s.name not in inputs]
+        if missing:
+            raise KeyError(f"missing program inputs: {missing}")
+        with torch.no_grad():
+            result = self._module(*(inputs[s.name] for s in self.inputs))
+        if isinstance(result, torch.Tensor):
+            result = (result,)
+        return {spec.name: value for spec, value in zip(self.outputs, result, strict=True)}
+
+    # ------------------------------------------------------------------------------------- editing
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        return self.ep.graph_module
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.ep.graph
+
+    def copy_graph(self) -> torch.fx.GraphModule:
+        """A deep copy of the graph module to edit. Weights are lifted inputs, so this copies no weights."""
+        return copy.deepcopy(self.ep.graph_module)
+
+    def with_graph(self, graph_module: torch.fx.GraphModule, **changes: Any) -> Program:
+        """A new Program with `graph_module` in place of this one's graph; weights and signature are shared."""
+        graph_module.recompile()
+        ep = ExportedProgram(
+            root=graph_module,
+            graph=graph_module.graph,
+            graph_signature=self.ep.graph_signature,
+            state_dict=self.ep.state_dict,
+            range_constraints=self.ep.range_constraints,
+            module_call_graph=copy.deepcopy(self.ep.module_call_graph),
+            example_inputs=self.ep.example_inputs,
+            constants=self.ep.constants,
+            verifiers=getattr(self.ep, "verifiers", None),
+        )
+        return replace(self, ep=ep, **changes)
+
+    # ----------------------------------------------------------------------------------- describing
+    def summary(self) -> ProgramSummary:
+        params = list(self.ep.state_dict.values())
+        consts = [c for c in self.ep.constants.values() if isinstance(c, torch.Tensor)]
+        param_names = set(self.ep.graph_signature.parameters)
+        n_params = sum(t.numel() for name, t in self.ep.state_dict.items() if name in param_names)
+        return ProgramSummary(
+            nodes=sum(1 for _ in self.graph.nodes),
+            ops=op_histogram(self.graph),
+            parameters=n_params,
+            parameter_bytes=sum(t.numel() * t.element_size() for t in params),
+            constant_bytes=sum(t.numel() * t.element_size() for t in consts),
+            inputs=self.inputs, outputs=self.outputs, dims=self.dims,
+        )
+
+    def signature(self) -> dict[str, Any]:
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "dims": {d.name: d.to_dict() for d in self.dims},
+            "precision": self.precision,
+            "kv_layout": self.kv_layout,
+        }
+
+    def describe(self, *, graph: bool = False) -> str:
+        """Readable text: signature, op histogram, parameters and bytes; the full graph if asked."""
+        s = self.summary()
+        lines = ["inputs:"]
+        lines += [f"  {t.name}: {t.dtype}{list(t.shape)}" for t in s.inputs]
+        lines.append("outputs:")
+        lines += [f"  {t.name}: {t.dtype}{list(t.shape)}" for t in s.outputs]
+        lines.append("dynamic dims:")
+        lines += [f"  {d.name}: min {d.min}, opt {d.opt}, max {d.max}" for d in s.dims] or ["  (none)"]
+        lines.append(f"parameters: {s.parameters:,} ({_bytes(s.parameter_bytes)} incl. buffers); "
+                     f"constants {_bytes(s.constant_bytes)}; precision {self.precision}")
+        lines.append(f"graph: {s.nodes} nodes, {sum(s.ops.values())} op calls")
+        lines += [f"  {count:5d}  {name}" for name, count in s.ops.items()]
+        if graph:
+            lines.append("")
+            lines.append(str(self.graph))
+        return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def symbolic_shape(value: Any, names: Mapping[str, str]) -> tuple[int | str, ...]:
+    """Shape of a fake tensor with sympy symbols renamed to the recipe's dim names."""
+    out: list[int | str] = []
+    for size in value.shape:
+        if isinstance(size, int):
+            out.append(size)
+            continue
+        expr = size.node.expr
+        if getattr(expr, "is_number", False):
+            out.append(int(expr))
+            continue
+        import sympy
+
+        renamed = expr.subs({sym: sympy.Symbol(names[str(sym)]) for sym in expr.free_symbols if str(sym) in names})
+        out.append(str(renamed))
+    return tuple(out)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,407 @@
+"""The recipe: a YAML file that says which model to compile, how, for which target, and what it must meet.
+
+`load_recipe(path)` parses and validates it. Every error names the file, the line and the key, and says
+what was expected. Unknown keys are errors. `${VAR}` and `${VAR:-default}` in strings are expanded from
+the environment, and paths are relative to the recipe file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SerializationInfo,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from .errors import RecipeError
+
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+TASKS = ("feature-extraction", "causal-lm", "masked-lm", "sequence-classification")
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    path = value.expanduser()
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return path.resolve() if base is not None else path
+
+
+def _relative_path(value: Path, info: SerializationInfo) -> str:
+    # The manifest stores paths as written relative to the recipe, so the same recipe in another
+    # checkout gives the same resolved recipe (and the same artifact id).
+    base = (info.context or {}).get("base_dir")
+    if base is not None:
+        try:
+            return Path(os.path.relpath(value, base)).as_posix()
+        except ValueError:
+            pass
+    return value.as_posix()
+
+
+RecipePath = Annotated[Path, AfterValidator(_resolve_path), PlainSerializer(_relative_path, return_type=str)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class _ModelCommon(_Model):
+    task: Literal[TASKS] = Field(  # type: ignore[valid-type]
+        "feature-extraction",
+        description="Which head to load: feature-extraction (AutoModel), causal-lm, masked-lm, "
+        "sequence-classification.",
+    )
+    outputs: list[str] | None = Field(
+        None, description="Model outputs to compile and check, by name (default: every tensor output)."
+    )
+    attn_implementation: Literal["eager", "sdpa"] | None = Field(
+        None, description="transformers attention implementation to load the model with."
+    )
+
+
+class HFDirModel(_ModelCommon):
+    source: Literal["hf"]
+    path: RecipePath = Field(description="A Hugging Face model directory (config.json + weights).")
+
+
+class GGUFModel(_ModelCommon):
+    source: Literal["gguf"]
+    path: RecipePath | None = Field(None, description="A .gguf file.")
+    package: str | None = Field(None, description="Or: an installed Python package that carries the .gguf.")
+    file: str | None = Field(None, description="The .gguf file name inside `package` (default: the only one).")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> GGUFModel:
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give exactly one of `path` (a .gguf file) or `package` (a package carrying one)")
+        return self
+
+
+class PackageModel(_ModelCommon):
+    source: Literal["package"]
+    package: str = Field(description="An installed Python package that carries a Hugging Face model directory.")
+    subpath: str | None = Field(
+        None, description="Model directory inside the package (default: the directory holding config.json)."
+    )
+
+
+class ConfigModel(_ModelCommon):
+    source: Literal["config"]
+    config: dict[str, Any] = Field(description="A transformers config: `model_type` plus any config fields.")
+    seed: int = Field(description="Seed for the random weights.")
+
+    @model_validator(mode="after")
+    def _has_model_type(self) -> ConfigModel:
+        if "model_type" not in self.config:
+            raise ValueError("`config` needs a `model_type` (for example llama, bert)")
+        return self
+
+
+class FactoryModel(_ModelCommon):
+    source: Literal["factory"]
+    factory: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="`package.module:function` returning a torch.nn.Module (or a (module, tokenizer) pair).",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+    tokenizer: RecipePath | None = Field(None, description="A tokenizer directory for text checking data.")
+
+
+ModelSpec = Annotated[
+    Union[HFDirModel, GGUFModel, PackageModel, ConfigModel, FactoryModel], Field(discriminator="source")
+]
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+class DimSpec(_Model):
+    min: int = Field(ge=0)
+    opt: int = Field(ge=0)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DimSpec:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"expected min <= opt <= max, got {self.min} / {self.opt} / {self.max}")
+        if self.max < 2:
+            raise ValueError("a dynamic dimension needs max >= 2; use a plain integer in `shape` for a fixed size")
+        return self
+
+
+class InputSpec(_Model):
+    name: str
+    dtype: Literal[DTYPES]  # type: ignore[valid-type]
+    shape: list[int | str] = Field(description="Sizes: an integer for a fixed size, a name from `dims` for a dynamic one.")
+    fill: Literal["random", "ones", "zeros", "arange"] | None = Field(
+        None,
+        description="How generated inputs are filled (default: by name: *mask -> ones, token_type_ids -> zeros, "
+        "position_ids -> arange, other integers -> random below `high`, floats -> normal).",
+    )
+    high: int | None = Field(None, ge=1, description="Exclusive upper bound for random integers (default: vocab size).")
+
+
+# --------------------------------------------------------------------------------------- passes/target
+
+
+def _pass_shorthand(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+class PassSpec(_Model):
+    name: str = Field(description="A pass from `compilekit passes`, for example cleanup.dead_code.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Options, checked against the pass's options model.")
+
+
+class TargetSpec(_Model):
+    backend: str = Field("onnxruntime", description="onnxruntime (CPU default).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Options, checked against the target's options model.")
+
+
+# --------------------------------------------------------------------------------------------- verify
+
+
+class DataSpec(_Model):
+    source: Literal["text", "random"] = Field(
+        "text", description="text: real sentences through the model's tokenizer; random: generated inputs."
+    )
+    corpus: Literal["pydoc"] | RecipePath = Field(
+        "pydoc", description="`pydoc` (Python's own documentation, on every Python) or a text file, one sample a line."
+    )
+    samples: int = Field(32, ge=1, description="Number of checking samples.")
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(128, ge=1, description="Tokenizer truncation length.")
+    shape: dict[str, int] = Field(default_factory=dict, description="random data: sizes for dims (default: opt).")
+    ledger_samples: int = Field(8, ge=1, description="Samples used for the numeric check after every pass.")
+    seed: int = 0
+
+
+class AccuracySpec(_Model):
+    gates: dict[str, float] = Field(
+        default_factory=lambda: {"cosine_min": 0.999},
+        description="metric -> bound: cosine_min, cosine_mean, sqnr_db, top1 (at least); max_abs, max_rel (at most).",
+    )
+    outputs: list[str] | None = Field(None, description="Outputs the gates apply to (default: all).")
+    logits: list[str] | None = Field(None, description="Outputs treated as logits for top1 (default: any named `logits`).")
+
+
+class LatencyBudget(_Model):
+    p50_ms: float | None = Field(None, gt=0, description="Compiled p50 must be at most this.")
+    min_speedup: float | None = Field(None, gt=0, description="Eager p50 / compiled p50 must be at least this.")
+
+
+class LatencySpec(_Model):
+    enabled: bool = True
+    warmup: int = Field(5, ge=0)
+    runs: int = Field(30, ge=1)
+    threads: int | None = Field(None, ge=1, description="Threads for both eager and compiled (default: all cores).")
+    shape: dict[str, int] = Field(default_factory=dict, description="Sizes for dims (default: opt).")
+    budget: LatencyBudget = Field(default_factory=LatencyBudget)
+
+
+class VerifySpec(_Model):
+    data: DataSpec = Field(default_factory=DataSpec)
+    accuracy: AccuracySpec = Field(default_factory=AccuracySpec)
+    latency: LatencySpec = Field(default_factory=LatencySpec)
+
+
+class ArtifactSpec(_Model):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    version: str = Field("0.1.0", pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    tags: list[str] = Field(default_factory=list)
+
+
+class Recipe(_Model):
+    """A compile recipe. The JSON Schema (`compilekit recipe schema`) is generated from this model."""
+
+    model: ModelSpec
+    inputs: list[InputSpec] = Field(min_length=1)
+    dims: dict[str, DimSpec] = Field(default_factory=dict, description="Dynamic dimensions: name -> min/opt/max.")
+    passes: list[Annotated[PassSpec, BeforeValidator(_pass_shorthand)]] = Field(default_factory=list)
+    target: TargetSpec = Field(default_factory=TargetSpec)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    artifact: ArtifactSpec
+
+    @model_validator(mode="after")
+    def _dims_declared(self) -> Recipe:
+        names = [i.name for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input names must be unique, got {names}")
+        for spec in self.inputs:
+            for size in spec.shape:
+                if isinstance(size, str) and size not in self.dims:
+                    raise ValueError(
+                        f"input {spec.name!r} uses dim {size!r}, which is not declared under `dims` "
+                        f"(declared: {sorted(self.dims) or 'none'})"
+                    )
+                if isinstance(size, int) and size < 1:
+                    raise ValueError(f"input {spec.name!r} has a fixed size {size}; sizes must be >= 1")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- loader
+
+
+class LoadedRecipe:
+    """A validated recipe plus where it came from, so later stages can still point at a line."""
+
+    def __init__(self, recipe: Recipe, path: Path, locations: dict[tuple, int]) -> None:
+        self.recipe = recipe
+        self.path = path
+        self.base_dir = path.parent
+        self._locations = locations
+
+    def where(self, loc: tuple) -> str:
+        return f"{self.path}:{_line_for(self._locations, loc)}"
+
+    def error(self, loc: tuple, message: str, *, hint: str | None = None) -> RecipeError:
+        return RecipeError(f"{self.where(loc)}: {_dotted(loc)}: {message}", hint=hint)
+
+    def resolved(self) -> dict:
+        """The recipe as validated, with defaults filled in and paths relative to the recipe file."""
+        return self.recipe.model_dump(mode="json", context={"base_dir": self.base_dir})
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, loc: tuple, errors: list[tuple[tuple, str]]) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            errors.append((loc, f"environment variable ${{{name}}} is not set (use ${{{name}:-default}} for a default)"))
+            return m.group(0)
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, loc + (k,), errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, loc + (i,), errors) for i, v in enumerate(value)]
+    return value
+
+
+def _node_lines(node: yaml.Node, loc: tuple, out: dict[tuple, int]) -> None:
+    out.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            k = key.value
+            out[loc + (k,)] = key.start_mark.line + 1
+            _node_lines(value, loc + (k,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _node_lines(item, loc + (i,), out)
+
+
+def _line_for(locations: dict[tuple, int], loc: tuple) -> int:
+    # pydantic puts union tags into `loc` (("model", "hf", "path")); drop parts the file does not have.
+    found: tuple = ()
+    for part in loc:
+        if found + (part,) in locations:
+            found = found + (part,)
+    return locations.get(found, 1)
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _clean_loc(loc: tuple, locations: dict[tuple, int]) -> tuple:
+    kept: tuple = ()
+    for part in loc:
+        if kept + (part,) in locations or isinstance(part, int) or part not in (
+            "hf", "gguf", "package", "config", "factory", "function-after", "function-before", "int", "str",
+        ):
+            kept = kept + (part,)
+    return kept
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read, expand and validate a recipe file. Raises `RecipeError` listing every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}", hint="pass the path of a .yaml recipe, e.g. recipes/minilm-l6.yaml")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}:1: a recipe is a YAML mapping with keys model, inputs, passes, target, verify, artifact")
+    locations: dict[tuple, int] = {}
+    _node_lines(node, (), locations)
+
+    env_errors: list[tuple[tuple, str]] = []
+    data = _expand_env(data, (), env_errors)
+    if env_errors:
+        raise RecipeError("\n".join(f"{path}:{_line_for(locations, loc)}: {_dotted(loc)}: {msg}" for loc, msg in env_errors))
+
+    base_dir = path.resolve().parent
+    try:
+        recipe = Recipe.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False):
+            loc = _clean_loc(tuple(err["loc"]), locations)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; `compilekit recipe schema` lists the keys)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            elif err["type"] == "union_tag_invalid":
+                msg = f"`source` must be one of hf, gguf, package, config, factory (got {err.get('input', {}).get('source')!r})" if isinstance(err.get("input"), dict) else msg
+            got = err.get("input")
+            if err["type"] not in ("missing", "extra_forbidden") and isinstance(got, (str, int, float, bool)):
+                msg += f" (got {got!r})"
+            lines.append(f"{path}:{_line_for(locations, loc)}: {_dotted(loc)}: {msg}")
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(lines)) from None
+    loaded = LoadedRecipe(recipe, path.resolve(), locations)
+    _check_paths(loaded)
+    return loaded
+
+
+def _check_paths(loaded: LoadedRecipe) -> None:
+    model = loaded.recipe.model
+    path = getattr(model, "path", None)
+    if path is not None and not path.exists():
+        raise loaded.error(("model", "path"), f"model path does not exist: {path}",
+                           hint="paths are relative to the recipe file")
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and not tok.exists():
+        raise loaded.error(("model", "tokenizer"), f"tokenizer path does not exist: {tok}")
+    corpus = loaded.recipe.verify.data.corpus
+    if isinstance(corpus, Path) and not corpus.is_file():
+        raise loaded.error(("verify", "data", "corpus"), f"corpus file does not exist: {corpus}")
+
+
+def recipe_json_schema() -> dict:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "compilekit recipe"
+    return schema

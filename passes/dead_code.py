@@ -1,0 +1,162 @@
+"""`cleanup.dead_code`: remove no-op ops and dead code.
+
+No-op rules, each `x -> x`, for ops whose result is provably its input:
+- `dropout`: in eval mode (`train=False`) or with `p == 0`;
+- identity views and copies (`view`, `reshape`, `expand`, `clone`, `alias`, `contiguous`, `detach`,
+  `to` / `_to_copy`, full `slice`): when the result has the input's shape, dtype and device;
+- `x + 0`, `x - 0`, `x * 1`, `x / 1` with a Python scalar, when the result keeps x's dtype.
+
+Dropping a copy is only sound when nothing writes in place, so every rule steps aside on a graph with
+in-place ops. Graph outputs are left alone, because the program's signature names them. Then every
+node with no users and no side effects is removed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from compilekit.ir import Program
+from compilekit.pipeline import NodeRule, Pass, PassOptions, PassResult, apply_node_rules, register_pass
+
+aten = torch.ops.aten
+
+_SAME_SHAPE_OPS = frozenset({
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+    aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
+    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.slice.Tensor,
+})
+_ARITH = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, aten.div.Tensor: 1}
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _same_dims(a, b) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, int) and isinstance(y, int):
+            if x != y:
+                return False
+        elif isinstance(x, int) or isinstance(y, int):
+            return False
+        elif x.node.expr != y.node.expr:  # same symbolic expression: equal for every input size
+            return False
+    return True
+
+
+def _common_guard(node: torch.fx.Node) -> str | None:
+    if not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return "input is not a tensor node"
+    if any(u.op == "output" for u in node.users):
+        return "result is a graph output"
+    if node.graph.meta_has_mutation:  # set by the pass before the rules run
+        return "graph has in-place ops"
+    src, out = _val(node.args[0]), _val(node)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return "no shape metadata"
+    return None
+
+
+def _check_same(node: torch.fx.Node) -> str | None:
+    reason = _common_guard(node)
+    if reason:
+        return reason
+    src, out = _val(node.args[0]), _val(node)
+    if src.dtype != out.dtype:
+        return "changes dtype"
+    if src.device != out.device:
+        return "changes device"
+    if not _same_dims(src.shape, out.shape):
+        return "changes shape"
+    if node.target is aten.slice.Tensor:
+        start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+        if start not in (None, 0) or step != 1:
+            return "slice is not from 0 with step 1"
+    return None
+
+
+def _check_dropout(node: torch.fx.Node) -> str | None:
+    reason = _common_guard(node)
+    if reason:
+        return reason
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    if train and p != 0:
+        return "dropout in training mode with p > 0"
+    return None
+
+
+def _check_arith(node: torch.fx.Node) -> str | None:
+    reason = _common_guard(node)
+    if reason:
+        return reason
+    other = node.args[1] if len(node.args) > 1 else None
+    if isinstance(other, torch.fx.Node) or isinstance(other, bool) or not isinstance(other, (int, float)):
+        return "other operand is not a Python scalar"
+    if other != _ARITH[node.target]:
+        return "scalar is not the identity"
+    if node.target in (aten.add.Tensor, aten.sub.Tensor) and node.kwargs.get("alpha", 1) != 1:
+        return "alpha is not 1"
+    src, out = _val(node.args[0]), _val(node)
+    if src.dtype != out.dtype or not _same_dims(src.shape, out.shape):
+        return "result type differs from input (promotion)"
+    return None
+
+
+def _bypass(node: torch.fx.Node) -> bool:
+    node.replace_all_uses_with(node.args[0])
+    node.graph.erase_node(node)
+    return True
+
+
+RULES = (
+    NodeRule("dropout", frozenset({aten.dropout.default, aten.native_dropout.default}), _check_dropout, _bypass),
+    NodeRule("identity", _SAME_SHAPE_OPS, _check_same, _bypass),
+    NodeRule("arith-identity", frozenset(_ARITH), _check_arith, _bypass),
+)
+
+
+def _has_mutation(graph: torch.fx.Graph) -> bool:
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable:
+            if node.target is aten._assert_tensor_metadata.default:
+                continue
+            return True
+    return False
+
+
+@register_pass
+class DeadCodePass(Pass):
+    name = "cleanup.dead_code"
+    description = "Remove no-op ops (eval dropout, identity views/copies, x+0, x*1) and nodes nobody uses."
+
+    class Options(PassOptions):
+        noop: bool = True
+        """Bypass no-op ops before removing dead nodes."""
+
+    def call(self, program: Program) -> PassResult:
+        gm = program.copy_graph()
+        graph = gm.graph
+        graph.meta_has_mutation = _has_mutation(graph)
+        stats = apply_node_rules(graph, RULES if self.options.noop else ())
+        before = len(graph.nodes)
+        graph.eliminate_dead_code()
+        dead = before - len(graph.nodes)
+        del graph.meta_has_mutation
+        removed = Counter({r: n for r, n in stats.applied.items()})
+        modified = bool(removed) or dead > 0
+        parts = [f"{n} {r}" for r, n in sorted(removed.items())]
+        if dead:
+            parts.append(f"{dead} dead nodes")
+        summary = ("removed " + ", ".join(parts)) if modified else "nothing to remove"
+        if stats.skipped:
+            kept = sum(sum(c.values()) for c in stats.skipped.values())
+            summary += f"; kept {kept} candidates (see stats)"
+        result = {"noop_removed": dict(removed), "dead_removed": dead, "skipped": stats.to_dict()["skipped"]}
+        return PassResult(program.with_graph(gm) if modified else program, modified, result, summary)
