@@ -1,0 +1,260 @@
+"""The `compilekit` command: a thin layer over the Python API.
+
+Exit codes: 0 success; 2 a user error (message, no traceback); 3 an accuracy or latency gate failed;
+1 anything else; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from .errors import CompilekitError, GateFailure
+
+# Redirected stderr (CI logs) would otherwise wrap the summary tables at 80 columns.
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
+
+
+def _quiet_dependencies() -> None:
+    """Keep stderr readable: no weight-loading progress bars or deprecation chatter from dependencies."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+class RichReporter:
+    """Stages with timings on stderr, so stdout stays clean for --json."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._status = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        start = time.perf_counter()
+        label = f"{name}" + (f" [dim]({detail})[/dim]" if detail else "")
+        with self.console.status(f"{label} …") as status:
+            self._status = status
+            try:
+                yield
+            except BaseException:
+                self.console.print(f"[red]✗[/red] {label} [dim]{time.perf_counter() - start:.1f}s[/dim]")
+                raise
+            finally:
+                self._status = None
+        self.console.print(f"[green]✓[/green] {label} [dim]{time.perf_counter() - start:.1f}s[/dim]")
+
+    def log(self, message: str) -> None:
+        if self._status is not None:
+            self._status.update(message)
+
+    def progress(self, label: str, done: int, total: int) -> None:
+        if self._status is not None:
+            self._status.update(f"{label} {done}/{total}")
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Map errors to exit codes and messages; a traceback only with COMPILEKIT_DEBUG=1."""
+    _quiet_dependencies()
+    try:
+        return fn()
+    except CompilekitError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc.message}", markup=True, highlight=False, soft_wrap=True)
+        if exc.hint:
+            err.print(f"[yellow]hint:[/yellow] {exc.hint}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]: nothing was stored (staged files are removed)")
+        sys.exit(130)
+    except click.exceptions.Exit:
+        raise
+    except Exception as exc:  # a bug in compilekit or a dependency: say so, briefly
+        if os.environ.get("COMPILEKIT_DEBUG"):
+            raise
+        err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc}", soft_wrap=True)
+        err.print("[yellow]hint:[/yellow] rerun with COMPILEKIT_DEBUG=1 for the traceback, and report it")
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compilekit")
+def cli() -> None:
+    """compilekit: compile a PyTorch model from a recipe, check it at every step, store the artifact."""
+
+
+@cli.command("compile")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--registry", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Local artifact store (default ./artifacts, or $COMPILEKIT_REGISTRY).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
+@click.option("--dump-ir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the program after export and after each pass to numbered files in DIR.")
+def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Path | None) -> None:
+    """Compile RECIPE: export, passes, lower, verify, store. Exit 3 if a gate fails."""
+    from .compile import compile_recipe
+    from .recipe import load_recipe
+    from .summary import print_summary
+
+    def go() -> None:
+        loaded = load_recipe(recipe)
+        try:
+            result = compile_recipe(loaded, registry=registry, reporter=RichReporter(err), dump_ir=dump_ir)
+        except GateFailure as failure:
+            print_summary(failure.manifest, err)
+            err.print(f"[bold red]{failure}[/bold red]", soft_wrap=True)
+            if as_json:
+                click.echo(json.dumps(failure.manifest, indent=None, allow_nan=False))
+            sys.exit(failure.exit_code)
+        print_summary(result.manifest, err, artifact_path=str(result.artifact.path) if result.artifact else None)
+        if as_json:
+            click.echo(json.dumps(result.manifest, indent=None, allow_nan=False))
+
+    _run(go)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--after", "after", default=None, metavar="PASS", help="Show the program after this pass of the recipe.")
+@click.option("--graph", is_flag=True, help="Print the whole FX graph too.")
+def inspect(recipe: Path, after: str | None, graph: bool) -> None:
+    """Print the Program of RECIPE after export (or after --after PASS): signature, ops, parameters."""
+    from .compile import inspect_recipe
+    from .recipe import load_recipe
+
+    def go() -> None:
+        program, ledger = inspect_recipe(load_recipe(recipe), after=after, reporter=RichReporter(err))
+        click.echo(f"# program after {after or 'export'}")
+        for row in ledger:
+            click.echo(f"# {row.name}: {row.summary}")
+        click.echo(program.describe(graph=graph))
+
+    _run(go)
+
+
+@cli.command("passes")
+def passes_cmd() -> None:
+    """List the pass catalogue with each pass's options and defaults."""
+    from .pipeline import available_passes
+
+    for name, cls in available_passes().items():
+        click.echo(f"{name}  (v{cls.version})")
+        click.echo(f"    {cls.description}")
+        fields = cls.Options.model_fields
+        if not fields:
+            click.echo("    options: none")
+        for field, info in fields.items():
+            ann = getattr(info.annotation, "__name__", str(info.annotation))
+            doc = f"  {info.description}" if info.description else ""
+            click.echo(f"    {field}: {ann} = {info.default!r}{doc}")
+
+
+@cli.group()
+def recipe() -> None:
+    """Recipe tools."""
+
+
+@recipe.command("schema")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to a file instead of stdout.")
+def recipe_schema(output: Path | None) -> None:
+    """Write the recipe's JSON Schema."""
+    from .recipe import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n", encoding="utf-8")
+        err.print(f"wrote {output}")
+    else:
+        click.echo(text)
+
+
+@recipe.command("check")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def recipe_check(path: Path) -> None:
+    """Validate a recipe (schema, pass names and options, target options) without loading the model."""
+    from .pipeline import build_passes
+    from .recipe import load_recipe
+    from .targets import build_target
+
+    def go() -> None:
+        loaded = load_recipe(path)
+        build_passes(loaded.recipe.passes, loaded)
+        build_target(loaded.recipe.target, loaded)
+        err.print(f"[green]ok[/green] {path}")
+
+    _run(go)
+
+
+@cli.group()
+def artifacts() -> None:
+    """Read the local artifact store."""
+
+
+def _store(registry: Path | None):
+    from .registry import LocalStore, default_store_path
+
+    return LocalStore(registry or default_store_path())
+
+
+registry_option = click.option("--registry", type=click.Path(file_okay=False, path_type=Path), default=None,
+                               help="Local artifact store (default ./artifacts, or $COMPILEKIT_REGISTRY).")
+
+
+@artifacts.command("list")
+@registry_option
+@click.option("--json", "as_json", is_flag=True)
+def artifacts_list(registry: Path | None, as_json: bool) -> None:
+    """List stored artifacts, newest first."""
+    def go() -> None:
+        store = _store(registry)
+        items = store.list()
+        if as_json:
+            click.echo(json.dumps([{"id": a.id, "name": a.name, "version": a.version, "created": a.manifest.get("created"),
+                                    "path": str(a.path)} for a in items]))
+            return
+        if not items:
+            err.print(f"no artifacts in {store.root}")
+        for a in items:
+            m = a.manifest
+            lat = m.get("latency", {})
+            speed = f"{lat.get('speedup'):.2f}x" if lat.get("speedup") else "—"
+            click.echo(f"{a.id[:19]}  {a.name}:{a.version}  {m.get('target', {}).get('backend', '?')}  "
+                       f"{m.get('created', '')}  speedup {speed}")
+        for path, why in store.list_broken():
+            err.print(f"[yellow]broken entry[/yellow] {path}: {why}")
+
+    _run(go)
+
+
+@artifacts.command("show")
+@click.argument("ref")
+@registry_option
+def artifacts_show(ref: str, registry: Path | None) -> None:
+    """Verify an artifact's files against its digests and print its manifest (REF: id, prefix, name[:version])."""
+    def go() -> None:
+        artifact = _store(registry).resolve(ref)
+        artifact.verify()
+        err.print(f"[green]verified[/green] {artifact.id} ({len(artifact.manifest.get('files', {}))} files) at {artifact.path}")
+        click.echo(json.dumps(artifact.manifest, indent=2))
+
+    _run(go)
+
+
+def main() -> None:
+    cli(prog_name="compilekit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""`compile(recipe) -> CompileResult`: one run, stage by stage. The CLI, the tests and scripts all call this.
+
+load -> checking data -> eager reference -> torch.export -> passes (ledger) -> lower -> accuracy ->
+latency -> artifact. The lowered files are staged in the store's temporary area and renamed into place
+only when every gate passed, so a failure or Ctrl-C leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .artifact import Artifact
+from .errors import GateFailure
+from .export import ExportAdapter, discover_outputs, export_program
+from .ir import Program
+from .pipeline import LedgerEntry, PassManager, build_passes
+from .recipe import LoadedRecipe
+from .registry import LocalStore, default_store_path
+from .sources import LoadedModel, load_model
+from .targets import Target, build_target
+from .verify import compare, evaluate_gates, measure_interleaved, peak_rss_mb
+from .verify.data import random_batches, sample_count, take_samples, text_batches, text_samples
+
+Batch = dict[str, torch.Tensor]
+
+
+class Reporter:
+    """Progress hooks. The default is silent; the CLI prints stages with timings on stderr."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str, detail: str = "") -> Iterator[None]:
+        yield
+
+    def log(self, message: str) -> None:
+        pass
+
+    def progress(self, label: str, done: int, total: int) -> None:
+        pass
+
+
+@dataclass
+class CompileResult:
+    manifest: dict[str, Any]
+    artifact: Artifact | None
+    ledger: list[LedgerEntry]
+    stages: dict[str, float]
+    accuracy_gates: list[Any] = field(default_factory=list)
+    latency_gates: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.manifest["status"] == "passed"
+
+
+class _Timer:
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.stages: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, detail: str = "") -> Iterator[None]:
+        start = time.perf_counter()
+        with self.reporter.stage(name, detail):
+            yield
+        self.stages[name] = round(time.perf_counter() - start, 3)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _worst(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-output metrics (OutputMetrics) as JSON-safe dicts."""
+    return {name: m.to_dict() for name, m in metrics.items()}
+
+
+def _logits_outputs(loaded: LoadedRecipe, outputs: Sequence[str]) -> list[str]:
+    wanted = loaded.recipe.verify.accuracy.logits
+    if wanted is None:
+        return [o for o in outputs if o == "logits"]
+    unknown = [w for w in wanted if w not in outputs]
+    if unknown:
+        raise loaded.error(("verify", "accuracy", "logits"), f"{unknown} are not compiled outputs ({list(outputs)})")
+    return list(wanted)
+
+
+def _checking_batches(loaded: LoadedRecipe, model: LoadedModel) -> list[Batch]:
+    r = loaded.recipe
+    data = r.verify.data
+    if data.source == "text":
+        texts = text_samples(data.corpus, data.samples, seed=data.seed)
+        return text_batches(model.tokenizer, texts, r.inputs, r.dims, batch_size=data.batch_size,
+                            max_length=data.max_length)
+    return random_batches(r.inputs, r.dims, samples=data.samples, batch_size=data.batch_size, sizes=data.shape,
+                          vocab_size=model.vocab_size, seed=data.seed)
+
+
+def _toolchain() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "compilekit": __version__}
+    for dist in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _machine(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "os": platform.platform(), "gpu": gpu}
+
+
+def _latency_threads(loaded: LoadedRecipe, target: Target) -> int:
+    return (loaded.recipe.verify.latency.threads or getattr(target.options, "threads", None)
+            or os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -------------------------------------------------------------------------------------------- stages
+
+
+def prepare(loaded: LoadedRecipe, reporter: Reporter, timer: _Timer):
+    """Validate plugins, load the model, build checking data and the eager reference, export."""
+    recipe = loaded.recipe
+    passes = build_passes(recipe.passes, loaded)  # fail on a bad pass before the slow load
+    target = build_target(recipe.target, loaded)
+    with timer("load", _model_label(recipe.model)):
+        model = load_model(recipe.model)
+    adapter = ExportAdapter(model.module, [i.name for i in recipe.inputs])
+    with timer("data", f"{recipe.verify.data.samples} samples ({recipe.verify.data.source})"):
+        batches = _checking_batches(loaded, model)
+        adapter.output_names = discover_outputs(adapter, batches[0], recipe.model.outputs)
+    with timer("reference", "eager PyTorch fp32"):
+        reference = [adapter.named(b) for b in batches]
+    with timer("export", "torch.export"):
+        program = export_program(adapter, recipe.inputs, recipe.dims, vocab_size=model.vocab_size,
+                                 seed=recipe.verify.data.seed)
+    return passes, target, model, adapter, batches, reference, program
+
+
+def _model_label(spec) -> str:
+    for key in ("package", "path", "factory"):
+        value = getattr(spec, key, None)
+        if value:
+            return f"{spec.source}: {Path(value).name if key == 'path' else value}"
+    return f"{spec.source}: {getattr(spec, 'config', {}).get('model_type', '')}"
+
+
+def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, reporter: Reporter | None = None,
+                   dump_ir: Path | None = None) -> CompileResult:
+    """Run the whole pipeline. Returns the result; raises GateFailure (with the manifest) if a gate fails."""
+    reporter = reporter or Reporter()
+    timer = _Timer(reporter)
+    recipe = loaded.recipe
+    passes, target, model, adapter, batches, reference, program = prepare(loaded, reporter, timer)
+    outputs = [t.name for t in program.outputs]
+    logits = _logits_outputs(loaded, outputs)
+    ledger_batches = take_samples(batches, recipe.verify.data.ledger_samples)
+    ledger_reference = reference[:len(ledger_batches)]
+    ledger_reference = [{k: v[: next(iter(b.values())).shape[0]] for k, v in r.items()}
+                        for r, b in zip(ledger_reference, ledger_batches)]
+
+    def check(p: Program) -> dict[str, Any]:
+        return _worst(compare(ledger_reference, [p.run(b) for b in ledger_batches], logits=logits))
+
+    ledger: list[LedgerEntry] = []
+    start = time.perf_counter()
+    ledger.append(LedgerEntry("export", {"dims": {d.name: d.to_dict() for d in program.dims}}, True,
+                              timer.stages["export"], 0.0, sum(1 for _ in program.graph.nodes),
+                              summary=f"{sum(1 for n in program.graph.nodes if n.op == 'call_function')} ops",
+                              metrics=check(program)))
+    ledger[0].check_seconds = round(time.perf_counter() - start, 4)
+
+    with timer("passes", f"{len(passes)} pass(es)"):
+        manager = PassManager(passes, checker=check, dump_dir=dump_ir,
+                              on_pass=lambda name, i, n: reporter.log(f"pass {i}/{n}: {name}"))
+        program, pass_rows = manager.run(program)
+    ledger += pass_rows
+
+    store = LocalStore(registry or default_store_path())
+    threads = _latency_threads(loaded, target)
+    with store.staging() as staged:
+        with timer("lower", f"{recipe.target.backend}"):
+            build = target.lower(program, staged, log=reporter.log)
+            runner = target.load(staged, threads=threads)
+            lower_start = time.perf_counter()
+            lowered = _worst(compare(ledger_reference, [runner.run(b) for b in ledger_batches], logits=logits))
+            ledger.append(LedgerEntry(f"lower:{target.name}", target.options.model_dump(mode="json"), True,
+                                      timer_seconds(timer, "lower"), round(time.perf_counter() - lower_start, 4),
+                                      sum(build.info.get("nodes", {}).values()),
+                                      summary=_top_ops(build.info.get("nodes", {})), metrics=lowered))
+
+        with timer("accuracy", f"{sample_count(batches)} samples"):
+            candidate = [runner.run(b) for b in batches]
+            metrics = compare(reference, candidate, logits=logits)
+            gates = evaluate_gates(metrics, recipe.verify.accuracy.gates, recipe.verify.accuracy.outputs)
+        accuracy = {"passed": all(g.passed for g in gates), "samples": sample_count(batches),
+                    "data": recipe.verify.data.source, "metrics": _worst(metrics),
+                    "gates": [g.to_dict() for g in gates]}
+
+        latency, latency_gates = _measure_latency(loaded, model, adapter, runner, threads, reporter, timer)
+
+        passed = accuracy["passed"] and latency["passed"]
+        manifest: dict[str, Any] = {
+            "id": None,
+            "name": recipe.artifact.name,
+            "version": recipe.artifact.version,
+            "tags": list(recipe.artifact.tags),
+            "status": "passed" if passed else "failed",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "recipe": loaded.resolved(),
+            "source": model.identity,
+            "toolchain": _toolchain(),
+            "machine": _machine(threads),
+            "signature": program.signature(),
+            "target": target.describe(),
+            "build": {**build.info, "runner": runner.describe()},
+            "passes": [e.to_dict() for e in ledger],
+            "accuracy": accuracy,
+            "latency": latency,
+            "stages": timer.stages,
+            "files": {},
+        }
+        if not passed:
+            from .artifact import compute_id, hash_files
+
+            manifest["files"] = hash_files(staged)
+            manifest["id"] = compute_id(manifest)
+            failure = GateFailure(_failure_message(accuracy, latency), manifest=manifest)
+            failure.result = CompileResult(manifest, None, ledger, timer.stages, gates, latency_gates)
+            raise failure
+        with timer("store", str(store.root)):
+            artifact = store.commit(staged, manifest)
+    return CompileResult(artifact.manifest, artifact, ledger, timer.stages, gates, latency_gates)
+
+
+def timer_seconds(timer: _Timer, name: str) -> float:
+    return timer.stages.get(name, 0.0)
+
+
+def _top_ops(nodes: Mapping[str, int], n: int = 4) -> str:
+    return ", ".join(f"{count} {op}" for op, count in list(nodes.items())[:n]) + (" ..." if len(nodes) > n else "")
+
+
+def _failure_message(accuracy: dict[str, Any], latency: dict[str, Any]) -> str:
+    failed = [f"{g['output']} {g['metric']} = {g['value']} (gate {g['op']} {g['bound']})"
+              for g in accuracy["gates"] if not g["passed"]]
+    failed += [f"latency {g['metric']} = {g['value']} (budget {g['op']} {g['bound']})"
+               for g in latency.get("gates", []) if not g["passed"]]
+    return "gate failed: " + "; ".join(failed)
+
+
+def _measure_latency(loaded: LoadedRecipe, model: LoadedModel, adapter: ExportAdapter, runner, threads: int,
+                     reporter: Reporter, timer: _Timer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    spec = loaded.recipe.verify.latency
+    if not spec.enabled:
+        return {"passed": True, "enabled": False, "gates": []}, []
+    from .inputs import make_inputs
+
+    recipe = loaded.recipe
+    sizes = {name: spec.shape.get(name, d.opt) for name, d in recipe.dims.items()}
+    inputs = make_inputs(recipe.inputs, sizes, vocab_size=model.vocab_size,
+                         generator=torch.Generator().manual_seed(recipe.verify.data.seed))
+    first = recipe.inputs[0].shape[0]
+    batch = sizes[first] if isinstance(first, str) else first
+    args = tuple(inputs[n] for n in adapter.input_names)
+    compiled = runner.bind(inputs)
+
+    def eager() -> object:
+        with torch.inference_mode():
+            return adapter(*args)
+
+    label = " x ".join(f"{k}={v}" for k, v in sizes.items())
+    with timer("latency", f"{label}, {threads} threads, {spec.runs} runs interleaved"), _torch_threads(threads):
+        stats = measure_interleaved({"eager": eager, "compiled": compiled}, warmup=spec.warmup, runs=spec.runs,
+                                    items_per_run=batch,
+                                    progress=lambda done, total: reporter.progress("latency", done, total))
+    c, e = stats["compiled"], stats["eager"]
+    speedup = e.p50_ms / c.p50_ms if c.p50_ms > 0 else float("inf")
+    gates: list[dict[str, Any]] = []
+    if spec.budget.p50_ms is not None:
+        gates.append({"metric": "p50_ms", "value": round(c.p50_ms, 4), "op": "<=", "bound": spec.budget.p50_ms,
+                      "passed": c.p50_ms <= spec.budget.p50_ms})
+    if spec.budget.min_speedup is not None:
+        gates.append({"metric": "speedup", "value": round(speedup, 4), "op": ">=", "bound": spec.budget.min_speedup,
+                      "passed": speedup >= spec.budget.min_speedup})
+    latency = {
+        "passed": all(g["passed"] for g in gates), "enabled": True,
+        "shape": sizes, "threads": threads, "runs": spec.runs, "warmup": spec.warmup,
+        "method": "interleaved eager/compiled in one process; ORT thread spinning "
+                  + ("on" if runner.describe().get("spinning") else "off"),
+        "p50_ms": round(c.p50_ms, 4), "p90_ms": round(c.p90_ms, 4), "p99_ms": round(c.p99_ms, 4),
+        "throughput": round(c.throughput, 2),
+        "baseline_p50_ms": round(e.p50_ms, 4), "baseline_p90_ms": round(e.p90_ms, 4),
+        "baseline_p99_ms": round(e.p99_ms, 4), "baseline_throughput": round(e.throughput, 2),
+        "speedup": round(speedup, 4),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "gates": gates,
+    }
+    return latency, gates
+
+
+def inspect_recipe(loaded: LoadedRecipe, *, after: str | None = None, reporter: Reporter | None = None,
+                   dump_ir: Path | None = None) -> tuple[Program, list[LedgerEntry]]:
+    """The Program after export, or after the recipe's pass `after`; numbers are not checked."""
+    reporter = reporter or Reporter()
+    timer = _Timer(reporter)
+    recipe = loaded.recipe
+    if after is not None and after not in [p.name for p in recipe.passes]:
+        raise loaded.error(("passes",), f"--after names {after!r}, which is not in this recipe's passes",
+                           hint=f"the recipe runs: {[p.name for p in recipe.passes] or 'no passes'}")
+    passes, _target, _model, _adapter, _batches, _reference, program = prepare(loaded, reporter, timer)
+    if after is None:
+        return program, []
+    with timer("passes"):
+        return PassManager(passes, dump_dir=dump_ir).run(program, stop_after=after)
