@@ -180,6 +180,33 @@ def recipe_schema(output: Path | None) -> None:
         click.echo(text)
 
 
+def reference_markdown() -> str:
+    """The recipe, target-option and pass-option reference that the README embeds."""
+    from .pipeline import available_passes
+    from .recipe import _type_name, recipe_reference_markdown
+    from .targets import available_targets, get_target
+
+    def options_table(model) -> list[str]:
+        rows = ["| option | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for name, f in model.model_fields.items():
+            desc = (f.description or "").replace("|", "\\|")
+            rows.append(f"| `{name}` | {_type_name(f.annotation)} | `{f.default!r}` | {desc} |")
+        return rows if len(rows) > 2 else ["(no options)"]
+
+    out = [recipe_reference_markdown(), ""]
+    for name in available_targets():
+        out += [f"Options of target `{name}` (`target.options`):", ""] + options_table(get_target(name).Options) + [""]
+    for name, cls in available_passes().items():
+        out += [f"Options of pass `{name}`: {cls.description}", ""] + options_table(cls.Options) + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+@recipe.command("reference")
+def recipe_reference() -> None:
+    """Print the recipe reference (Markdown) that the README embeds."""
+    click.echo(reference_markdown(), nl=False)
+
+
 @recipe.command("check")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 def recipe_check(path: Path) -> None:

@@ -128,10 +128,11 @@ class Program:
 
     # ----------------------------------------------------------------------------------- describing
     def summary(self) -> ProgramSummary:
-        params = list(self.ep.state_dict.values())
+        # Tied weights (e.g. lm_head and embed_tokens) are one tensor under two names: count it once.
+        params = list({id(t): t for t in self.ep.state_dict.values()}.values())
         consts = [c for c in self.ep.constants.values() if isinstance(c, torch.Tensor)]
         param_names = set(self.ep.graph_signature.parameters)
-        n_params = sum(t.numel() for name, t in self.ep.state_dict.items() if name in param_names)
+        n_params = sum(t.numel() for t in {id(t): t for name, t in self.ep.state_dict.items() if name in param_names}.values())
         return ProgramSummary(
             nodes=sum(1 for _ in self.graph.nodes),
             ops=op_histogram(self.graph),

@@ -77,12 +77,12 @@ class _ModelCommon(_Model):
 
 
 class HFDirModel(_ModelCommon):
-    source: Literal["hf"]
+    source: Literal["hf"] = Field(description="A Hugging Face model directory.")
     path: RecipePath = Field(description="A Hugging Face model directory (config.json + weights).")
 
 
 class GGUFModel(_ModelCommon):
-    source: Literal["gguf"]
+    source: Literal["gguf"] = Field(description="A GGUF file (needs the gguf and accelerate packages).")
     path: RecipePath | None = Field(None, description="A .gguf file.")
     package: str | None = Field(None, description="Or: an installed Python package that carries the .gguf.")
     file: str | None = Field(None, description="The .gguf file name inside `package` (default: the only one).")
@@ -95,7 +95,7 @@ class GGUFModel(_ModelCommon):
 
 
 class PackageModel(_ModelCommon):
-    source: Literal["package"]
+    source: Literal["package"] = Field(description="An installed package that carries a model directory.")
     package: str = Field(description="An installed Python package that carries a Hugging Face model directory.")
     subpath: str | None = Field(
         None, description="Model directory inside the package (default: the directory holding config.json)."
@@ -103,7 +103,7 @@ class PackageModel(_ModelCommon):
 
 
 class ConfigModel(_ModelCommon):
-    source: Literal["config"]
+    source: Literal["config"] = Field(description="A transformers config with random weights.")
     config: dict[str, Any] = Field(description="A transformers config: `model_type` plus any config fields.")
     seed: int = Field(description="Seed for the random weights.")
 
@@ -115,7 +115,7 @@ class ConfigModel(_ModelCommon):
 
 
 class FactoryModel(_ModelCommon):
-    source: Literal["factory"]
+    source: Literal["factory"] = Field(description="A Python callable that builds the model.")
     factory: str = Field(
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="`package.module:function` returning a torch.nn.Module (or a (module, tokenizer) pair).",
@@ -133,9 +133,9 @@ ModelSpec = Annotated[
 
 
 class DimSpec(_Model):
-    min: int = Field(ge=0)
-    opt: int = Field(ge=0)
-    max: int = Field(ge=1)
+    min: int = Field(ge=0, description="Smallest size the compiled model accepts.")
+    opt: int = Field(ge=0, description="The size to optimise for; latency is measured here by default.")
+    max: int = Field(ge=1, description="Largest size the compiled model accepts.")
 
     @model_validator(mode="after")
     def _ordered(self) -> DimSpec:
@@ -147,8 +147,8 @@ class DimSpec(_Model):
 
 
 class InputSpec(_Model):
-    name: str
-    dtype: Literal[DTYPES]  # type: ignore[valid-type]
+    name: str = Field(description="The model's keyword argument, e.g. input_ids.")
+    dtype: Literal[DTYPES] = Field(description="Element type.")  # type: ignore[valid-type]
     shape: list[int | str] = Field(description="Sizes: an integer for a fixed size, a name from `dims` for a dynamic one.")
     fill: Literal["random", "ones", "zeros", "arange"] | None = Field(
         None,
@@ -186,11 +186,11 @@ class DataSpec(_Model):
         "pydoc", description="`pydoc` (Python's own documentation, on every Python) or a text file, one sample a line."
     )
     samples: int = Field(32, ge=1, description="Number of checking samples.")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Samples per checking batch.")
     max_length: int = Field(128, ge=1, description="Tokenizer truncation length.")
     shape: dict[str, int] = Field(default_factory=dict, description="random data: sizes for dims (default: opt).")
     ledger_samples: int = Field(8, ge=1, description="Samples used for the numeric check after every pass.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed for sample choice and generated data.")
 
 
 class AccuracySpec(_Model):
@@ -208,36 +208,37 @@ class LatencyBudget(_Model):
 
 
 class LatencySpec(_Model):
-    enabled: bool = True
-    warmup: int = Field(5, ge=0)
-    runs: int = Field(30, ge=1)
+    enabled: bool = Field(True, description="Measure latency against eager PyTorch.")
+    warmup: int = Field(5, ge=0, description="Untimed runs of each before timing.")
+    runs: int = Field(30, ge=1, description="Timed runs of each, interleaved eager/compiled.")
     threads: int | None = Field(None, ge=1, description="Threads for both eager and compiled (default: all cores).")
     shape: dict[str, int] = Field(default_factory=dict, description="Sizes for dims (default: opt).")
-    budget: LatencyBudget = Field(default_factory=LatencyBudget)
+    budget: LatencyBudget = Field(default_factory=LatencyBudget, description="Latency gates (none by default).")
 
 
 class VerifySpec(_Model):
-    data: DataSpec = Field(default_factory=DataSpec)
-    accuracy: AccuracySpec = Field(default_factory=AccuracySpec)
-    latency: LatencySpec = Field(default_factory=LatencySpec)
+    data: DataSpec = Field(default_factory=DataSpec, description="Checking data.")
+    accuracy: AccuracySpec = Field(default_factory=AccuracySpec, description="Accuracy gates against eager fp32.")
+    latency: LatencySpec = Field(default_factory=LatencySpec, description="Latency against eager PyTorch.")
 
 
 class ArtifactSpec(_Model):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    version: str = Field("0.1.0", pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-    tags: list[str] = Field(default_factory=list)
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Lower-case name: letters, digits, . _ -")
+    version: str = Field("0.1.0", pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", description="Version string.")
+    tags: list[str] = Field(default_factory=list, description="Free-form labels.")
 
 
 class Recipe(_Model):
     """A compile recipe. The JSON Schema (`compilekit recipe schema`) is generated from this model."""
 
-    model: ModelSpec
-    inputs: list[InputSpec] = Field(min_length=1)
+    model: ModelSpec = Field(description="The model to compile; `source` picks the kind (sections below).")
+    inputs: list[InputSpec] = Field(min_length=1, description="The model's inputs, in call order (section below).")
     dims: dict[str, DimSpec] = Field(default_factory=dict, description="Dynamic dimensions: name -> min/opt/max.")
-    passes: list[Annotated[PassSpec, BeforeValidator(_pass_shorthand)]] = Field(default_factory=list)
-    target: TargetSpec = Field(default_factory=TargetSpec)
-    verify: VerifySpec = Field(default_factory=VerifySpec)
-    artifact: ArtifactSpec
+    passes: list[Annotated[PassSpec, BeforeValidator(_pass_shorthand)]] = Field(
+        default_factory=list, description="Passes in order: a name, or {name, options}.")
+    target: TargetSpec = Field(default_factory=TargetSpec, description="Where the model is lowered to.")
+    verify: VerifySpec = Field(default_factory=VerifySpec, description="How the result is checked.")
+    artifact: ArtifactSpec = Field(description="What the result is stored as.")
 
     @model_validator(mode="after")
     def _dims_declared(self) -> Recipe:
@@ -330,10 +331,12 @@ def _dotted(loc: tuple) -> str:
 
 
 def _clean_loc(loc: tuple, locations: dict[tuple, int]) -> tuple:
+    if len(loc) > 1 and loc[0] == "model" and loc[1] in ("hf", "gguf", "package", "config", "factory"):
+        loc = loc[:1] + loc[2:]  # pydantic's union tag, not a key: ("model", "config", "seed") -> ("model", "seed")
     kept: tuple = ()
     for part in loc:
         if kept + (part,) in locations or isinstance(part, int) or part not in (
-            "hf", "gguf", "package", "config", "factory", "function-after", "function-before", "int", "str",
+            "function-after", "function-before", "int", "str",
         ):
             kept = kept + (part,)
     return kept
@@ -405,3 +408,66 @@ def recipe_json_schema() -> dict:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "compilekit recipe"
     return schema
+
+
+def _type_name(t: Any) -> str:
+    import types
+    from typing import get_args, get_origin
+
+    origin, args = get_origin(t), get_args(t)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " / ".join(f"`{a}`" for a in args)
+    if origin in (Union, types.UnionType):
+        if all(isinstance(a, type) and issubclass(a, _ModelCommon) for a in args):
+            return "one of the model sections below"
+        parts = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"map of {_type_name(args[0])} to {_type_name(args[1])}"
+    if t is Path:
+        return "path"
+    if t is Any:
+        return "any"
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        return "section"
+    return getattr(t, "__name__", str(t))
+
+
+def recipe_reference_markdown() -> str:
+    """The recipe reference table for the README, generated from the models so it cannot drift."""
+    rows: list[str] = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = f.annotation
+            nested = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if f.is_required():
+                default = "required"
+            elif f.default_factory is not None:
+                made = f.default_factory()
+                default = "" if isinstance(made, BaseModel) else f"`{made!r}`"
+            else:
+                default = f"`{f.default!r}`"
+            kind = "section" if nested else _type_name(ann)
+            desc = (f.description or "").replace("|", "\\|")
+            rows.append(f"| `{key}` | {kind} | {default} | {desc} |")
+            if nested:
+                walk(nested, key + ".")
+
+    walk(Recipe, "")
+    for title, cls in (("model (source: hf)", HFDirModel), ("model (source: gguf)", GGUFModel),
+                       ("model (source: package)", PackageModel), ("model (source: config)", ConfigModel),
+                       ("model (source: factory)", FactoryModel), ("inputs[]", InputSpec), ("dims.NAME", DimSpec),
+                       ("passes[]", PassSpec)):
+        rows.append(f"| **{title}** | | | |")
+        prefix = title.split(" ")[0] + "."
+        for name, f in cls.model_fields.items():
+            default = "required" if f.is_required() else (f"`{f.default!r}`" if f.default_factory is None else f"`{f.default_factory()!r}`")
+            desc = (f.description or "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {_type_name(f.annotation)} | {default} | {desc} |")
+    return "\n".join(rows)

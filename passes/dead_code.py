@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from pydantic import Field
 
 from compilekit.ir import Program
 from compilekit.pipeline import NodeRule, Pass, PassOptions, PassResult, apply_node_rules, register_pass
@@ -137,8 +138,7 @@ class DeadCodePass(Pass):
     description = "Remove no-op ops (eval dropout, identity views/copies, x+0, x*1) and nodes nobody uses."
 
     class Options(PassOptions):
-        noop: bool = True
-        """Bypass no-op ops before removing dead nodes."""
+        noop: bool = Field(True, description="Bypass no-op ops before removing dead nodes.")
 
     def call(self, program: Program) -> PassResult:
         gm = program.copy_graph()
