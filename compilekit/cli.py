@@ -103,12 +103,13 @@ def cli() -> None:
               help="Write the program after export and after each pass to numbered files in DIR.")
 def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Path | None) -> None:
     """Compile RECIPE: export, passes, lower, verify, store. Exit 3 if a gate fails."""
-    from .compile import compile_recipe
     from .recipe import load_recipe
-    from .summary import print_summary
 
     def go() -> None:
-        loaded = load_recipe(recipe)
+        loaded = load_recipe(recipe)  # before importing torch: a bad recipe fails in well under a second
+        from .compile import compile_recipe
+        from .summary import print_summary
+
         try:
             result = compile_recipe(loaded, registry=registry, reporter=RichReporter(err), dump_ir=dump_ir)
         except GateFailure as failure:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import inspect
 import os
 import platform
 import sys
@@ -22,7 +23,7 @@ import torch
 
 from . import __version__
 from .artifact import Artifact
-from .errors import GateFailure
+from .errors import CompilekitError, GateFailure, LoweringError, VerificationError
 from .export import ExportAdapter, discover_outputs, export_program
 from .ir import Program
 from .pipeline import LedgerEntry, PassManager, build_passes
@@ -98,12 +99,29 @@ def _logits_outputs(loaded: LoadedRecipe, outputs: Sequence[str]) -> list[str]:
 def _checking_batches(loaded: LoadedRecipe, model: LoadedModel) -> list[Batch]:
     r = loaded.recipe
     data = r.verify.data
+    # The batch axis (first axis of the first input) may be fixed or capped by the recipe.
+    first = r.inputs[0].shape[0]
+    batch_size = first if isinstance(first, int) else min(data.batch_size, r.dims[first].max)
     if data.source == "text":
         texts = text_samples(data.corpus, data.samples, seed=data.seed)
-        return text_batches(model.tokenizer, texts, r.inputs, r.dims, batch_size=data.batch_size,
+        return text_batches(model.tokenizer, texts, r.inputs, r.dims, batch_size=batch_size,
                             max_length=data.max_length)
-    return random_batches(r.inputs, r.dims, samples=data.samples, batch_size=data.batch_size, sizes=data.shape,
+    return random_batches(r.inputs, r.dims, samples=data.samples, batch_size=batch_size, sizes=data.shape,
                           vocab_size=model.vocab_size, seed=data.seed)
+
+
+def _run_lowered(runner, batches: Sequence[Batch]) -> list[dict[str, Any]]:
+    out = []
+    for batch in batches:
+        try:
+            out.append(runner.run(batch))
+        except Exception as exc:  # ORT's own error types: the lowered model fails where the program ran
+            shapes = {k: tuple(v.shape) for k, v in batch.items()}
+            raise LoweringError(f"the lowered model fails at run time on inputs {shapes}: {type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                                hint="the PyTorch program ran on these inputs, so this is a lowering bug; "
+                                     "`--dump-ir DIR` and the ONNX file in the error help to report it") from None
+    return out
 
 
 def _toolchain() -> dict[str, str | None]:
@@ -158,15 +176,34 @@ def prepare(loaded: LoadedRecipe, reporter: Reporter, timer: _Timer):
     with timer("load", _model_label(recipe.model)):
         model = load_model(recipe.model)
     adapter = ExportAdapter(model.module, [i.name for i in recipe.inputs])
+    for name in adapter.unknown_inputs():
+        index = [i.name for i in recipe.inputs].index(name)
+        params = [p for p in inspect.signature(model.module.forward).parameters if p not in ("self", "kwargs")]
+        raise loaded.error(("inputs", index, "name"), f"{type(model.module).__name__}.forward has no input {name!r}",
+                           hint=f"it takes: {', '.join(params)}")
     with timer("data", f"{recipe.verify.data.samples} samples ({recipe.verify.data.source})"):
         batches = _checking_batches(loaded, model)
-        adapter.output_names = discover_outputs(adapter, batches[0], recipe.model.outputs)
-    with timer("reference", "eager PyTorch fp32"):
+        with _eager_errors():
+            adapter.output_names = discover_outputs(adapter, batches[0], recipe.model.outputs)
+    with timer("reference", "eager PyTorch fp32"), _eager_errors():
         reference = [adapter.named(b) for b in batches]
     with timer("export", "torch.export"):
         program = export_program(adapter, recipe.inputs, recipe.dims, vocab_size=model.vocab_size,
                                  seed=recipe.verify.data.seed)
     return passes, target, model, adapter, batches, reference, program
+
+
+@contextlib.contextmanager
+def _eager_errors() -> Iterator[None]:
+    try:
+        yield
+    except CompilekitError:
+        raise
+    except Exception as exc:  # the model's own code failing on the recipe's inputs
+        text = str(exc).strip().splitlines()
+        raise VerificationError(f"the eager model fails on the checking inputs: {type(exc).__name__}: "
+                                f"{text[0] if text else ''}",
+                                hint="check the recipe's inputs (names, dtypes, shapes, `high` for token ids)") from None
 
 
 def _model_label(spec) -> str:
@@ -215,14 +252,14 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
             build = target.lower(program, staged, log=reporter.log)
             runner = target.load(staged, threads=threads)
             lower_start = time.perf_counter()
-            lowered = _worst(compare(ledger_reference, [runner.run(b) for b in ledger_batches], logits=logits))
+            lowered = _worst(compare(ledger_reference, _run_lowered(runner, ledger_batches), logits=logits))
             ledger.append(LedgerEntry(f"lower:{target.name}", target.options.model_dump(mode="json"), True,
                                       timer_seconds(timer, "lower"), round(time.perf_counter() - lower_start, 4),
                                       sum(build.info.get("nodes", {}).values()),
                                       summary=_top_ops(build.info.get("nodes", {})), metrics=lowered))
 
         with timer("accuracy", f"{sample_count(batches)} samples"):
-            candidate = [runner.run(b) for b in batches]
+            candidate = _run_lowered(runner, batches)
             metrics = compare(reference, candidate, logits=logits)
             gates = evaluate_gates(metrics, recipe.verify.accuracy.gates, recipe.verify.accuracy.outputs)
         accuracy = {"passed": all(g.passed for g in gates), "samples": sample_count(batches),
@@ -249,7 +286,7 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
             "passes": [e.to_dict() for e in ledger],
             "accuracy": accuracy,
             "latency": latency,
-            "stages": timer.stages,
+            "stages": dict(timer.stages),
             "files": {},
         }
         if not passed:

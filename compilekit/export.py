@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,6 +37,15 @@ class ExportAdapter(torch.nn.Module):
         if "return_dict" in params:
             self.call_kwargs["return_dict"] = True
 
+    def unknown_inputs(self) -> list[str]:
+        """Recipe inputs that the model's forward does not name. Empty when forward takes only **kwargs/*args,
+        since then nothing can be checked; transformers models name their inputs explicitly."""
+        params = inspect.signature(self.model.forward).parameters
+        named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not named:
+            return []
+        return [n for n in self.input_names if n not in named]
+
     def raw(self, *args: torch.Tensor) -> Any:
         return self.model(**dict(zip(self.input_names, args, strict=True)), **self.call_kwargs)
 
@@ -60,12 +71,19 @@ def named_tensor_outputs(out: Any) -> dict[str, torch.Tensor]:
     raise ExportError(f"the model returned {type(out).__name__}; compilekit needs tensors, a tuple or a dict of them")
 
 
+# Frames in these packages are never the user's model code. Matched by location, not by a folder name, so a
+# user's checkout that happens to be called `compilekit` (or holds a `torch/` folder) still counts as user code.
+_LIBRARY_DIRS = tuple(os.path.join(os.path.realpath(os.path.dirname(m.__file__)), "")
+                      for m in (torch, sys.modules[__package__]))
+
+
 def _user_frame(exc: BaseException) -> str | None:
-    """The innermost frame outside torch: usually the model code that export could not trace."""
+    """The innermost frame outside torch and compilekit: usually the model code that export could not trace."""
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
-        f = frame.filename.replace("\\", "/")
-        if "/torch/" not in f and "/compilekit/" not in f and "/site-packages/torch" not in f:
+        if frame.filename.startswith("<"):  # generated code (`<string>`, `<eval_with_key>`): no source to show
+            continue
+        if not os.path.realpath(frame.filename).startswith(_LIBRARY_DIRS):
             return f"{frame.filename}:{frame.lineno} in {frame.name}: {frame.line}"
     return None
 

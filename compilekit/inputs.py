@@ -18,23 +18,40 @@ def export_example_sizes(dims: Mapping[str, object]) -> dict[str, int]:
     """One example size per dynamic dim for torch.export.
 
     torch.export specialises a dim whose example size is 0 or 1, and it may relate two dims whose example
-    sizes happen to be equal, so every dim gets a distinct size >= 2 inside its [min, max] range.
+    sizes happen to be equal, so every dim gets a distinct size >= 2 inside its [min, max] range. Sizes
+    near min(opt, 16) are preferred (small examples keep export fast); a search finds an assignment
+    whenever one exists.
     """
-    used: set[int] = set()
-    sizes: dict[str, int] = {}
-    for name, dim in dims.items():
+    names = list(dims)
+    options: dict[str, list[int]] = {}
+    for name in names:
+        dim = dims[name]
         lo, hi = max(2, dim.min), dim.max
-        start = min(max(min(dim.opt, 16), lo), hi)  # small examples keep export fast
-        candidates = list(range(start, hi + 1)) + list(range(start - 1, lo - 1, -1))
-        free = [c for c in candidates if c not in used]
-        if not free:
-            raise CompilekitError(
-                f"dim {name!r} has range [{dim.min}, {dim.max}], which leaves no example size >= 2 distinct from "
-                f"the other dims",
-                hint="widen the dim's max")
-        sizes[name] = free[0]
-        used.add(free[0])
-    return sizes
+        start = min(max(min(dim.opt, 16), lo), hi)
+        # Preferred first; the search only looks further when dims compete for the same sizes.
+        options[name] = (list(range(start, min(hi, start + len(names)) + 1))
+                         + list(range(start - 1, max(lo, start - len(names)) - 1, -1)))
+    # Search the most constrained dims first.
+    order = sorted(names, key=lambda n: len(options[n]))
+    chosen: dict[str, int] = {}
+
+    def search(i: int) -> bool:
+        if i == len(order):
+            return True
+        for size in options[order[i]]:
+            if size not in chosen.values():
+                chosen[order[i]] = size
+                if search(i + 1):
+                    return True
+                del chosen[order[i]]
+        return False
+
+    if not search(0):
+        ranges = ", ".join(f"{n} [{dims[n].min}, {dims[n].max}]" for n in names)
+        raise CompilekitError(
+            f"the dynamic dims ({ranges}) leave no distinct example sizes >= 2 for torch.export",
+            hint="widen a dim's max, or declare a dim that is always the same size as a fixed integer")
+    return {n: chosen[n] for n in names}
 
 
 def concrete_shape(shape: Sequence[int | str], sizes: Mapping[str, int]) -> list[int]:

@@ -116,7 +116,7 @@ class Program:
         ep = ExportedProgram(
             root=graph_module,
             graph=graph_module.graph,
-            graph_signature=self.ep.graph_signature,
+            graph_signature=_signature_for(self.ep.graph_signature, graph_module.graph),
             state_dict=self.ep.state_dict,
             range_constraints=self.ep.range_constraints,
             module_call_graph=copy.deepcopy(self.ep.module_call_graph),
@@ -168,6 +168,23 @@ class Program:
             lines.append("")
             lines.append(str(self.graph))
         return "\n".join(lines)
+
+
+def _signature_for(sig, graph: torch.fx.Graph):
+    """`sig` with its output names taken from `graph`'s output node, so an edit that replaces an output node
+    (the new node has a new name) still matches the signature. Unchanged names give `sig` itself."""
+    from torch.export.graph_signature import ExportGraphSignature, TensorArgument
+
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    values = out_node.args[0]
+    if not isinstance(values, (tuple, list)) or len(values) != len(sig.output_specs):
+        return sig
+    specs = [replace(spec, arg=TensorArgument(name=value.name))
+             if isinstance(spec.arg, TensorArgument) and isinstance(value, torch.fx.Node) else spec
+             for spec, value in zip(sig.output_specs, values)]
+    if specs == list(sig.output_specs):
+        return sig
+    return ExportGraphSignature(input_specs=list(sig.input_specs), output_specs=specs)
 
 
 def _bytes(n: int) -> str:

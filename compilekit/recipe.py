@@ -240,20 +240,29 @@ class Recipe(_Model):
     verify: VerifySpec = Field(default_factory=VerifySpec, description="How the result is checked.")
     artifact: ArtifactSpec = Field(description="What the result is stored as.")
 
-    @model_validator(mode="after")
-    def _dims_declared(self) -> Recipe:
-        names = [i.name for i in self.inputs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"input names must be unique, got {names}")
-        for spec in self.inputs:
+    def shape_problems(self) -> list[tuple[tuple, str]]:
+        """(location, message) for inputs that use undeclared dims, bad sizes or repeated names."""
+        problems: list[tuple[tuple, str]] = []
+        seen: set[str] = set()
+        for i, spec in enumerate(self.inputs):
+            if spec.name in seen:
+                problems.append((("inputs", i, "name"), f"input name {spec.name!r} is used twice; names must be unique"))
+            seen.add(spec.name)
             for size in spec.shape:
                 if isinstance(size, str) and size not in self.dims:
-                    raise ValueError(
-                        f"input {spec.name!r} uses dim {size!r}, which is not declared under `dims` "
-                        f"(declared: {sorted(self.dims) or 'none'})"
-                    )
+                    problems.append((("inputs", i, "shape"), f"input {spec.name!r} uses dim {size!r}, which is not "
+                                     f"declared under `dims` (declared: {sorted(self.dims) or 'none'})"))
                 if isinstance(size, int) and size < 1:
-                    raise ValueError(f"input {spec.name!r} has a fixed size {size}; sizes must be >= 1")
+                    problems.append((("inputs", i, "shape"), f"input {spec.name!r} has a fixed size {size}; sizes must be >= 1"))
+        return problems
+
+    @model_validator(mode="after")
+    def _dims_declared(self, info: ValidationInfo) -> Recipe:
+        # load_recipe reports these with their lines; here only for recipes built in code.
+        if not (info.context or {}).get("located_checks"):
+            problems = self.shape_problems()
+            if problems:
+                raise ValueError("; ".join(msg for _, msg in problems))
         return self
 
 
@@ -335,9 +344,9 @@ def _clean_loc(loc: tuple, locations: dict[tuple, int]) -> tuple:
         loc = loc[:1] + loc[2:]  # pydantic's union tag, not a key: ("model", "config", "seed") -> ("model", "seed")
     kept: tuple = ()
     for part in loc:
-        if kept + (part,) in locations or isinstance(part, int) or part not in (
-            "function-after", "function-before", "int", "str",
-        ):
+        # pydantic adds validator and union-member names (`function-after[...]`, `literal['pydoc']`, `int`)
+        internal = isinstance(part, str) and ("[" in part or part in ("int", "str", "float", "bool", "list", "dict"))
+        if kept + (part,) in locations or isinstance(part, int) or not internal:
             kept = kept + (part,)
     return kept
 
@@ -367,7 +376,7 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
 
     base_dir = path.resolve().parent
     try:
-        recipe = Recipe.model_validate(data, context={"base_dir": base_dir})
+        recipe = Recipe.model_validate(data, context={"base_dir": base_dir, "located_checks": True})
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_url=False):
@@ -377,6 +386,8 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
                 msg = "unknown key (check the spelling; `compilekit recipe schema` lists the keys)"
             elif err["type"] == "missing":
                 msg = "required key is missing"
+            elif err["type"] == "union_tag_not_found":
+                msg = "required key `source` is missing (one of hf, gguf, package, config, factory)"
             elif err["type"] == "union_tag_invalid":
                 msg = f"`source` must be one of hf, gguf, package, config, factory (got {err.get('input', {}).get('source')!r})" if isinstance(err.get("input"), dict) else msg
             got = err.get("input")
@@ -385,6 +396,10 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
             lines.append(f"{path}:{_line_for(locations, loc)}: {_dotted(loc)}: {msg}")
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(lines)) from None
     loaded = LoadedRecipe(recipe, path.resolve(), locations)
+    problems = recipe.shape_problems()
+    if problems:
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(
+            f"{loaded.where(loc)}: {_dotted(loc)}: {msg}" for loc, msg in problems))
     _check_paths(loaded)
     return loaded
 

@@ -304,6 +304,7 @@ def test_shape_with_undeclared_dim(tmp_path):
     text = edit("{name: attention_mask, dtype: int64, shape: [batch, seq]}",
                 "{name: attention_mask, dtype: int64, shape: [batch, tokens]}")
     message = load_error(tmp_path, text)
+    assert_located(message, tmp_path / "recipe.yaml", line_of(text, "shape: [batch, tokens]"), "inputs[1].shape")
     assert "input 'attention_mask' uses dim 'tokens', which is not declared under `dims`" in message
     assert "['batch', 'seq']" in message
 
@@ -322,7 +323,9 @@ def test_fixed_size_must_be_positive(tmp_path):
 
 def test_duplicate_input_names(tmp_path):
     text = edit("{name: attention_mask,", "{name: input_ids,")
-    assert "input names must be unique" in load_error(tmp_path, text)
+    message = load_error(tmp_path, text)
+    assert "input name 'input_ids' is used twice" in message
+    assert "inputs[1].name: " in message
 
 
 # ----------------------------------------------------------------------------------------------- passes

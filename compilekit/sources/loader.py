@@ -62,13 +62,21 @@ def _load_kwargs(spec) -> dict[str, Any]:
     return kw
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
 def _load_tokenizer(folder: Path, **kw: Any) -> Any | None:
     from transformers import AutoTokenizer
 
+    # Without tokenizer files, transformers 5 builds an empty-vocabulary tokenizer that maps every word
+    # to [UNK] instead of failing; text checking data would then be silently meaningless.
+    if "gguf_file" not in kw and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(str(folder), **kw)
-    except (OSError, ValueError, TypeError):
-        # A model directory without tokenizer files is valid; text checking data then reports it.
+    except Exception:
+        # A model directory without (usable) tokenizer files is valid; text checking data then reports it.
         return None
 
 
@@ -80,8 +88,8 @@ def _from_hf_dir(folder: Path, spec) -> LoadedModel:
         )
     try:
         model = _auto_class(spec.task).from_pretrained(str(folder), **_load_kwargs(spec))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelSourceError(f"could not load the model in {folder}: {_first_line(exc)}",
+    except Exception as exc:  # transformers/safetensors raise many types for bad files; all mean "cannot load"
+        raise ModelSourceError(f"could not load the model in {folder}: {type(exc).__name__}: {_first_line(exc)}",
                                hint=f"check that `task: {spec.task}` fits this model and its weights are present") from None
     return LoadedModel(model.eval(), _load_tokenizer(folder), {"kind": "hf", "path": folder.name,
                                                                "class": type(model).__name__})
@@ -133,8 +141,9 @@ def _from_gguf(spec: GGUFModel) -> LoadedModel:
                                    hint="pip install gguf accelerate")
     try:
         model = _auto_class(spec.task).from_pretrained(str(path.parent), gguf_file=path.name, **_load_kwargs(spec))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelSourceError(f"could not load GGUF {path}: {_first_line(exc)}") from None
+    except Exception as exc:  # gguf and transformers raise many types for a bad file
+        raise ModelSourceError(f"could not load GGUF {path}: {type(exc).__name__}: {_first_line(exc)}",
+                               hint=f"check that `task: {spec.task}` fits this model") from None
     tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
     identity = {"kind": "gguf", "file": path.name, "class": type(model).__name__}
     if spec.package:
@@ -147,17 +156,27 @@ def _from_config(spec: ConfigModel) -> LoadedModel:
 
     fields = dict(spec.config)
     model_type = fields.pop("model_type")
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        import difflib
+
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        raise ModelSourceError(f"transformers has no config for model_type {model_type!r}",
+                               hint=f"did you mean {' or '.join(map(repr, close))}?" if close else
+                               "use a model_type that transformers knows (e.g. llama, bert)")
     try:
         config = AutoConfig.for_model(model_type, **fields)
-    except (ValueError, KeyError) as exc:
-        raise ModelSourceError(f"transformers has no config for model_type {model_type!r}: {_first_line(exc)}") from None
+    except Exception as exc:  # unknown model_type is ValueError; bad field values raise anything
+        raise ModelSourceError(f"cannot build a config for model_type {model_type!r}: {type(exc).__name__}: "
+                               f"{_first_line(exc)}") from None
     torch.manual_seed(spec.seed)
     kw = _load_kwargs(spec)
     kw.pop("dtype")
     try:
         model = _auto_class(spec.task).from_config(config, **kw)
-    except (ValueError, KeyError) as exc:
-        raise ModelSourceError(f"cannot build a {spec.task} model for {model_type!r}: {_first_line(exc)}",
+    except Exception as exc:  # a config that transformers accepts can still fail to build a model
+        raise ModelSourceError(f"cannot build a {spec.task} model for {model_type!r}: {type(exc).__name__}: {_first_line(exc)}",
                                hint="check `model.task` and the config fields") from None
     return LoadedModel(model.float().eval(), None,
                        {"kind": "config", "model_type": model_type, "seed": spec.seed, "class": type(model).__name__})
@@ -172,7 +191,10 @@ def _from_factory(spec: FactoryModel) -> LoadedModel:
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ModelSourceError(f"{module_name!r} has no callable {func_name!r}")
-    made = func(**spec.kwargs)
+    try:
+        made = func(**spec.kwargs)
+    except Exception as exc:  # the user's factory: report its failure, not ours
+        raise ModelSourceError(f"factory {spec.factory!r} raised {type(exc).__name__}: {_first_line(exc)}") from None
     tokenizer = None
     if isinstance(made, tuple) and len(made) == 2:
         made, tokenizer = made

@@ -90,4 +90,5 @@ def build_target(spec: Any, recipe: Any = None) -> Target:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors(include_url=False))
         msg = f"bad options for target {spec.backend!r}: {problems}"
         fields = ", ".join(f"{k} (default {f.default!r})" for k, f in cls.Options.model_fields.items())
-        raise recipe.error(("target", "options"), msg, hint=f"options: {fields}") if recipe else RecipeError(msg) from None
+        hint = f"options: {fields}"
+        raise recipe.error(("target", "options"), msg, hint=hint) if recipe else RecipeError(msg, hint=hint) from None

@@ -69,10 +69,18 @@ def text_batches(tokenizer: Any, texts: Sequence[str], input_specs, dims: Mappin
                                 hint="use `verify.data.source: random`, or give the model a tokenizer")
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    # The sequence axis (second axis of the first input) may be fixed, or have a minimum above 1.
+    seq = input_specs[0].shape[1] if len(input_specs[0].shape) > 1 else None
+    fixed = seq if isinstance(seq, int) else None
+    seq_min = dims[seq].min if isinstance(seq, str) else 0
+    limit = fixed or (min(max_length, dims[seq].max) if isinstance(seq, str) else max_length)
     batches: list[Batch] = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
+        chunk = list(texts[start:start + batch_size])
+        enc = tokenizer(chunk, padding="max_length" if fixed else True, truncation=True, max_length=limit,
+                        return_tensors="pt")
+        if enc["input_ids"].shape[1] < seq_min:
+            enc = tokenizer(chunk, padding="max_length", truncation=True, max_length=seq_min, return_tensors="pt")
         batch: Batch = {}
         for spec in input_specs:
             if spec.name not in enc:

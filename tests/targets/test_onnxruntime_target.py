@@ -1,0 +1,129 @@
+"""The onnxruntime target: a checked ONNX file with the recipe's names, a runner that matches the Program."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from pydantic import ValidationError
+
+from compilekit.errors import ArtifactError, RecipeError
+from compilekit.export import ExportAdapter, discover_outputs, export_program
+from compilekit.inputs import export_example_sizes, make_inputs
+from compilekit.passes.dead_code import DeadCodePass
+from compilekit.recipe import ConfigModel, DimSpec, InputSpec, TargetSpec
+from compilekit.sources import load_model
+from compilekit.targets import build_target
+from compilekit.targets.onnxruntime import MODEL_FILE, OnnxRuntimeTarget
+
+BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
+DIMS = {"batch": {"min": 1, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 8, "max": 32}}
+NAMES = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    loaded = load_model(ConfigModel.model_validate({"source": "config", "config": BERT, "seed": 0}))
+    inputs = [InputSpec.model_validate({"name": n, "dtype": "int64", "shape": ["batch", "seq"]}) for n in NAMES]
+    dims = {k: DimSpec.model_validate(v) for k, v in DIMS.items()}
+    adapter = ExportAdapter(loaded.module, NAMES)
+    example = make_inputs(inputs, export_example_sizes(dims), vocab_size=128, generator=torch.Generator().manual_seed(0))
+    adapter.output_names = discover_outputs(adapter, example, None)
+    program = DeadCodePass()(export_program(adapter, inputs, dims, vocab_size=128)).program
+    return program, inputs
+
+
+@pytest.fixture(scope="module")
+def built(bert, tmp_path_factory):
+    program, _ = bert
+    out_dir = tmp_path_factory.mktemp("ort")
+    target = OnnxRuntimeTarget({"threads": 1})
+    result = target.lower(program, out_dir)
+    return target, out_dir, result
+
+
+def _data(inputs, batch: int, seq: int, seed: int):
+    return make_inputs(inputs, {"batch": batch, "seq": seq}, vocab_size=128, generator=torch.Generator().manual_seed(seed))
+
+
+def test_lowered_model_passes_the_checker_with_the_recipes_names(built, bert):
+    _, out_dir, result = built
+    path = out_dir / MODEL_FILE
+    assert result.files == [MODEL_FILE] and sorted(p.name for p in out_dir.iterdir()) == [MODEL_FILE]
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    assert [i.name for i in model.graph.input] == NAMES
+    assert [o.name for o in model.graph.output] == ["last_hidden_state", "pooler_output"]
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert all(dims(i) == ["batch", "seq"] for i in model.graph.input)
+    assert [dims(o) for o in model.graph.output] == [["batch", "seq", 32], ["batch", 32]]
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.INT64 for i in model.graph.input)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
+    nodes = result.info["nodes"]
+    assert nodes["LayerNormalization"] == 5 and sum(nodes.values()) == len(model.graph.node)
+
+
+@pytest.mark.parametrize("batch, seq", [(1, 5), (3, 17)])
+def test_runner_matches_the_program(built, bert, batch, seq):
+    target, out_dir, _ = built
+    program, inputs = bert
+    runner = target.load(out_dir)
+    assert runner.input_names == NAMES and runner.output_names == ["last_hidden_state", "pooler_output"]
+    data = _data(inputs, batch, seq, seed=batch * 100 + seq)
+    data["attention_mask"][0, seq // 2 + 1:] = 0  # padding in the first row
+    got, ref = runner.run(data), program.run(data)
+    for name, value in ref.items():
+        assert isinstance(got[name], np.ndarray) and got[name].shape == tuple(value.shape)
+        err = np.abs(got[name] - value.numpy()).max()
+        assert err <= 1e-5, f"{name} at {batch}x{seq}: max abs {err}"
+    bound = runner.bind(data)
+    again = bound()
+    assert np.array_equal(again[0], got["last_hidden_state"])
+
+
+def test_runner_describe(built):
+    target, out_dir, _ = built
+    info = target.load(out_dir, threads=2).describe()
+    assert info["threads"] == 2 and info["providers"] == ["CPUExecutionProvider"]
+    assert info["optimization_level"] == "all" and info["spinning"] is False
+    d = target.describe()
+    assert d["backend"] == "onnxruntime" and d["opset"] == 18 and d["options"]["threads"] == 1
+
+
+def test_load_missing_file_is_an_artifact_error(tmp_path):
+    with pytest.raises(ArtifactError, match=f"{MODEL_FILE} does not exist") as info:
+        OnnxRuntimeTarget().load(tmp_path)
+    assert "compile it again" in info.value.hint
+
+
+def test_load_truncated_model_is_an_artifact_error(built, tmp_path):
+    _, out_dir, _ = built
+    shutil.copy(out_dir / MODEL_FILE, tmp_path / MODEL_FILE)
+    data = (tmp_path / MODEL_FILE).read_bytes()
+    (tmp_path / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="ONNX Runtime cannot load") as info:
+        OnnxRuntimeTarget().load(tmp_path)
+    assert "corrupt" in info.value.hint
+    assert info.value.__cause__ is None
+
+
+def test_options_reject_unknown_keys_and_bad_values():
+    with pytest.raises(ValidationError, match="optimisation_level"):
+        OnnxRuntimeTarget({"optimisation_level": "all"})
+    with pytest.raises(ValidationError, match="opset"):
+        OnnxRuntimeTarget({"opset": 16})
+    with pytest.raises(RecipeError, match="bad options for target 'onnxruntime': threads"):
+        build_target(TargetSpec(backend="onnxruntime", options={"threads": 0}))
+    with pytest.raises(RecipeError, match="bogus: Extra inputs are not permitted"):
+        build_target(TargetSpec(backend="onnxruntime", options={"bogus": 1}))
+    with pytest.raises(RecipeError, match="unknown target backend 'tensorrtx'"):
+        build_target(TargetSpec(backend="tensorrtx"))
+    target = build_target(TargetSpec(backend="onnxruntime", options={"opset": 17, "optimization_level": "basic"}))
+    assert isinstance(target, OnnxRuntimeTarget) and target.options.opset == 17
