@@ -1,0 +1,113 @@
+"""The compile API stage by stage: ledger, gates, and nothing half-written after a failure or Ctrl-C."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compilekit.compile import compile_recipe
+from compilekit.errors import GateFailure, LoweringError, RecipeError, VerificationError
+from compilekit.recipe import load_recipe
+from compilekit.registry import LocalStore
+
+
+def _leftovers(registry: Path) -> list[Path]:
+    return [p for p in registry.rglob("*") if p.is_file()] if registry.exists() else []
+
+
+def test_ledger_has_a_row_per_step_with_errors(tiny_recipe, registry_dir):
+    result = compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir)
+    names = [row.name for row in result.ledger]
+    assert names == ["export", "cleanup.dead_code", "lower:onnxruntime"]
+    for row in result.ledger:
+        metrics = row.metrics["last_hidden_state"]
+        assert metrics["cosine_min"] > 0.9999 and metrics["max_abs"] < 1e-4
+    # export and the pass run in PyTorch on the same program semantics: bit-identical to eager
+    assert result.ledger[0].metrics["last_hidden_state"]["max_abs"] == 0.0
+    assert result.ledger[1].metrics["last_hidden_state"]["max_abs"] == 0.0
+    assert result.passed and result.artifact is not None
+    assert result.manifest["passes"][1]["stats"]["noop_removed"]["dropout"] > 0
+
+
+def test_gate_failure_stores_nothing(tiny_recipe, registry_dir):
+    recipe = tiny_recipe({"verify": {"accuracy": {"gates": {"max_abs": 1e-15}}}})
+    with pytest.raises(GateFailure) as info:
+        compile_recipe(load_recipe(recipe), registry=registry_dir)
+    manifest = info.value.manifest
+    assert manifest["status"] == "failed" and manifest["accuracy"]["passed"] is False
+    failed = [g for g in manifest["accuracy"]["gates"] if not g["passed"]]
+    assert failed and failed[0]["metric"] == "max_abs"
+    assert _leftovers(registry_dir) == []
+    assert LocalStore(registry_dir).list() == []
+
+
+def test_interrupt_during_lowering_leaves_nothing(tiny_recipe, registry_dir, monkeypatch):
+    from compilekit.targets.onnxruntime import OnnxRuntimeTarget
+
+    real_lower = OnnxRuntimeTarget.lower
+
+    def lower_then_interrupt(self, program, out_dir, **kw):
+        real_lower(self, program, out_dir, **kw)  # files are written into the staging dir ...
+        assert any(out_dir.iterdir())
+        raise KeyboardInterrupt  # ... and then the user presses Ctrl-C
+
+    monkeypatch.setattr(OnnxRuntimeTarget, "lower", lower_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir)
+    assert _leftovers(registry_dir) == []
+
+
+def test_bad_pass_fails_before_the_model_loads(tiny_recipe, registry_dir, monkeypatch):
+    import compilekit.compile as compile_module
+
+    def no_load(spec):
+        raise AssertionError("the model must not be loaded for a recipe with an unknown pass")
+
+    monkeypatch.setattr(compile_module, "load_model", no_load)
+    with pytest.raises(RecipeError, match=r"passes\[0\]\.name: unknown pass 'fuse\.nope'"):
+        compile_recipe(load_recipe(tiny_recipe({"passes": ["fuse.nope"]})), registry=registry_dir)
+
+
+def test_input_the_model_does_not_take_is_a_recipe_error(tiny_recipe, registry_dir):
+    recipe = tiny_recipe({"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                                     {"name": "attn_mask", "dtype": "int64", "shape": ["batch", "seq"]}]})
+    with pytest.raises(RecipeError, match=r"inputs\[1\]\.name: BertModel.forward has no input 'attn_mask'"):
+        compile_recipe(load_recipe(recipe), registry=registry_dir)
+
+
+def test_eager_failure_on_inputs_is_a_verification_error(tiny_recipe, registry_dir):
+    # token ids beyond the vocabulary make the embedding lookup fail in the eager model
+    recipe = tiny_recipe({"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"], "high": 100000}]})
+    with pytest.raises(VerificationError, match="eager model fails on the checking inputs"):
+        compile_recipe(load_recipe(recipe), registry=registry_dir)
+    assert _leftovers(registry_dir) == []
+
+
+def test_text_data_without_tokenizer_is_explained(tiny_recipe, registry_dir):
+    with pytest.raises(VerificationError, match="has no tokenizer"):
+        compile_recipe(load_recipe(tiny_recipe({"verify": {"data": {"source": "text"}}})), registry=registry_dir)
+
+
+def test_lowered_model_failing_at_run_time_is_a_lowering_error(tiny_recipe, registry_dir, monkeypatch):
+    from compilekit.targets.onnxruntime import OnnxRuntimeRunner
+
+    def broken(self, inputs):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : shape mismatch")
+
+    monkeypatch.setattr(OnnxRuntimeRunner, "run", broken)
+    with pytest.raises(LoweringError, match="fails at run time"):
+        compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir)
+    assert _leftovers(registry_dir) == []
+
+
+def test_fixed_batch_axis_is_respected(tiny_recipe, registry_dir):
+    recipe = tiny_recipe({
+        "dims": {"batch": None, "seq": {"min": 1, "opt": 8, "max": 32}},
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [1, "seq"]},
+                   {"name": "attention_mask", "dtype": "int64", "shape": [1, "seq"]}],
+    })
+    result = compile_recipe(load_recipe(recipe), registry=registry_dir)
+    assert result.passed
+    assert result.manifest["signature"]["inputs"][0]["shape"] == [1, "seq"]
+    assert result.manifest["accuracy"]["samples"] == 4
