@@ -56,6 +56,7 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
                             hint="a pass may have emitted an op without an ONNX translation; "
                                  "`compilekit inspect RECIPE --after PASS` shows the graph") from None
     _name_dims(onnx_program.model, program)
+    _drop_stack_traces(onnx_program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
     with _quiet_exporter():
@@ -71,6 +72,18 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
     if (path.parent / data_name).exists():
         files.append(path.parent / data_name)
     return files
+
+
+def _drop_stack_traces(model) -> None:
+    """Remove the exporter's per-node Python stack traces. They hold absolute paths and line numbers of the
+    checkout and virtualenv, so the same program lowered from two checkouts would give different bytes (and
+    a different artifact id). Module scopes (`namespace`, class hierarchy) are kept: they are path-free."""
+    import onnx_ir as ir
+
+    graphs = [model.graph, *(f for f in model.functions.values())]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
 
 
 def _name_dims(model, program: Program) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -127,3 +129,14 @@ def test_options_reject_unknown_keys_and_bad_values():
         build_target(TargetSpec(backend="tensorrtx"))
     target = build_target(TargetSpec(backend="onnxruntime", options={"opset": 17, "optimization_level": "basic"}))
     assert isinstance(target, OnnxRuntimeTarget) and target.options.opset == 17
+
+
+def test_lowered_file_holds_no_paths_of_this_checkout(built):
+    """Stack traces name the checkout and virtualenv; with them the same program would give different bytes
+    (and artifact ids) in two checkouts."""
+    _, out_dir, _ = built
+    data = (out_dir / MODEL_FILE).read_bytes()
+    assert b"pkg.torch.onnx.stack_trace" not in data
+    assert str(Path(__file__).resolve().parents[2]).encode() not in data
+    assert sys.prefix.encode() not in data
+    assert b"pkg.torch.onnx.name_scopes" in data  # path-free provenance is kept
