@@ -382,3 +382,21 @@ def inspect_recipe(loaded: LoadedRecipe, *, after: str | None = None, reporter: 
         return program, []
     with timer("passes"):
         return PassManager(passes, dump_dir=dump_ir).run(program, stop_after=after)
+
+
+def load_artifact(ref: str, *, registry: Path | None = None, threads: int | None = None,
+                  verify: bool = True) -> tuple[Artifact, Any]:
+    """Resolve a stored artifact, check its file digests, and return it with a Runner for its files."""
+    from .errors import ArtifactError
+    from .targets import available_targets, get_target
+
+    artifact = LocalStore(registry or default_store_path()).resolve(ref)
+    if verify:
+        artifact.verify()
+    info = artifact.manifest.get("target") or {}
+    backend = info.get("backend")
+    if backend not in available_targets():
+        raise ArtifactError(f"artifact {artifact.id} was built for target {backend!r}, which this compilekit "
+                            f"does not have", hint=f"available targets: {', '.join(available_targets())}")
+    target = get_target(backend)(info.get("options", {}))
+    return artifact, target.load(artifact.path, threads=threads)

@@ -193,8 +193,11 @@ class DataSpec(_Model):
     seed: int = Field(0, description="Seed for sample choice and generated data.")
 
 
+GateName = Literal["cosine_min", "cosine_mean", "sqnr_db", "top1", "max_abs", "max_rel"]
+
+
 class AccuracySpec(_Model):
-    gates: dict[str, float] = Field(
+    gates: dict[GateName, float] = Field(
         default_factory=lambda: {"cosine_min": 0.999},
         description="metric -> bound: cosine_min, cosine_mean, sqnr_db, top1 (at least); max_abs, max_rel (at most).",
     )
@@ -254,6 +257,14 @@ class Recipe(_Model):
                                      f"declared under `dims` (declared: {sorted(self.dims) or 'none'})"))
                 if isinstance(size, int) and size < 1:
                     problems.append((("inputs", i, "shape"), f"input {spec.name!r} has a fixed size {size}; sizes must be >= 1"))
+        for section, sizes in (("data", self.verify.data.shape), ("latency", self.verify.latency.shape)):
+            for name, size in sizes.items():
+                loc = ("verify", section, "shape", name)
+                dim = self.dims.get(name)
+                if dim is None:
+                    problems.append((loc, f"{name!r} is not a declared dim (declared: {sorted(self.dims) or 'none'})"))
+                elif not dim.min <= size <= dim.max:
+                    problems.append((loc, f"{name}={size} is outside the dim's range [{dim.min}, {dim.max}]"))
         return problems
 
     @model_validator(mode="after")

@@ -19,6 +19,11 @@ def _num(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _cos(value: Any) -> str:
+    # Fixed 8 decimals: "1.00000000" and "0.99999994" line up, and a trimmed "1" would overstate precision.
+    return "—" if value is None else f"{value:.8f}"
+
+
 def _worst(metrics: dict[str, dict[str, Any]]) -> tuple[Any, Any]:
     cos = [m.get("cosine_min") for m in metrics.values() if m.get("cosine_min") is not None]
     err = [m.get("max_abs") for m in metrics.values() if m.get("max_abs") is not None]
@@ -43,7 +48,7 @@ def render(manifest: dict[str, Any], *, artifact_path: str | None = None) -> Gro
     for row in manifest.get("passes", []):
         cos, err = _worst(row.get("metrics", {}))
         ledger.add_row(row["name"], "yes" if row["modified"] else "no", str(row["nodes"]), f"{row['seconds']:.2f}",
-                       _num(cos, 8), _num(err), row.get("summary", ""))
+                       _cos(cos), _num(err), row.get("summary", ""))
     parts.append(ledger)
 
     acc = manifest["accuracy"]
@@ -53,19 +58,21 @@ def render(manifest: dict[str, Any], *, artifact_path: str | None = None) -> Gro
         table.add_column(col)
     for g in acc["gates"]:
         ok = Text("pass", style="green") if g["passed"] else Text("FAIL", style="bold red")
-        table.add_row(g["output"], g["metric"], _num(g["value"], 8), f"{g['op']} {g['bound']}", ok)
+        value = _cos(g["value"]) if g["metric"].startswith("cosine") else _num(g["value"], 8)
+        table.add_row(g["output"], g["metric"], value, f"{g['op']} {g['bound']}", ok)
     for name, m in acc["metrics"].items():
         gated = {g["metric"] for g in acc["gates"] if g["output"] == name}
         for metric in ("cosine_mean", "cosine_min", "max_abs", "max_rel", "sqnr_db", "top1"):
             if metric not in gated and m.get(metric) is not None:
-                table.add_row(name, metric, _num(m[metric], 8), "", "")
+                value = _cos(m[metric]) if metric.startswith("cosine") else _num(m[metric], 8)
+                table.add_row(name, metric, value, "", "")
     parts.append(table)
 
     lat = manifest["latency"]
     if lat.get("enabled"):
         shape = " x ".join(f"{k} {v}" for k, v in lat["shape"].items())
-        lt = Table(title=f"latency ({shape}; {lat['threads']} threads; {lat['runs']} runs; {lat['method']})",
-                   title_justify="left", show_edge=False)
+        lt = Table(title=f"latency ({shape}; {lat['threads']} threads; {lat['runs']} runs)",
+                   title_justify="left", show_edge=False, caption=lat["method"], caption_justify="left")
         for col in ("", "p50 ms", "p90 ms", "p99 ms", "items/s"):
             lt.add_column(col, justify="right" if col else "left")
         lt.add_row("eager PyTorch", _num(lat["baseline_p50_ms"], 2), _num(lat["baseline_p90_ms"], 2),

@@ -111,3 +111,34 @@ def test_fixed_batch_axis_is_respected(tiny_recipe, registry_dir):
     assert result.passed
     assert result.manifest["signature"]["inputs"][0]["shape"] == [1, "seq"]
     assert result.manifest["accuracy"]["samples"] == 4
+
+
+def test_stored_artifact_loads_and_runs_like_the_model(tiny_recipe, registry_dir):
+    import numpy as np
+    import torch
+
+    from compilekit.compile import load_artifact
+    from compilekit.export import ExportAdapter
+    from compilekit.inputs import make_inputs
+    from compilekit.sources import load_model
+
+    loaded = load_recipe(tiny_recipe())
+    result = compile_recipe(loaded, registry=registry_dir)
+    artifact, runner = load_artifact(result.manifest["id"][:14], registry=registry_dir, threads=1)
+    assert artifact.id == result.manifest["id"]
+    inputs = make_inputs(loaded.recipe.inputs, {"batch": 3, "seq": 11}, vocab_size=128,
+                         generator=torch.Generator().manual_seed(5))
+    eager = ExportAdapter(load_model(loaded.recipe.model).module, list(inputs), ["last_hidden_state"]).named(inputs)
+    out = runner.run(inputs)
+    assert np.abs(out["last_hidden_state"] - eager["last_hidden_state"].numpy()).max() < 1e-5
+
+
+def test_corrupt_artifact_is_refused_on_load(tiny_recipe, registry_dir):
+    from compilekit.compile import load_artifact
+    from compilekit.errors import ArtifactError
+
+    result = compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir)
+    model = result.artifact.path / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match="model.onnx"):
+        load_artifact(result.manifest["id"], registry=registry_dir)

@@ -392,3 +392,19 @@ def test_recipe_copy_in_tmp_loads(tmp_path):
     copy = tmp_path / "tiny-llama.yaml"
     shutil.copy(REPO / "recipes" / "tiny-llama.yaml", copy)
     assert load_recipe(copy).resolved() == load_recipe(REPO / "recipes" / "tiny-llama.yaml").resolved()
+
+
+def test_unknown_gate_name_is_located(tmp_path):
+    text = edit("  latency:\n", "  accuracy:\n    gates: {cosine_minn: 0.99}\n  latency:\n")
+    message = load_error(tmp_path, text)
+    assert_located(message, tmp_path / "recipe.yaml", line_of(text, "cosine_minn"), "verify.accuracy.gates.cosine_minn")
+    assert "'cosine_min'" in message
+
+
+def test_latency_shape_must_name_declared_dims_in_range(tmp_path):
+    text = edit("    runs: 3\n", "    runs: 3\n    shape: {seq: 64, tokens: 3}\n")
+    message = load_error(tmp_path, text)
+    line = line_of(text, "shape: {seq: 64")
+    assert_located(message, tmp_path / "recipe.yaml", line, "verify.latency.shape.seq")
+    assert "seq=64 is outside the dim's range [1, 32]" in message
+    assert_located(message, tmp_path / "recipe.yaml", line, "verify.latency.shape.tokens")
