@@ -81,7 +81,7 @@ class _Timer:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _worst(metrics: Mapping[str, Any]) -> dict[str, Any]:
+def _metrics_dicts(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Per-output metrics (OutputMetrics) as JSON-safe dicts."""
     return {name: m.to_dict() for name, m in metrics.items()}
 
@@ -229,15 +229,14 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
                         for r, b in zip(ledger_reference, ledger_batches)]
 
     def check(p: Program) -> dict[str, Any]:
-        return _worst(compare(ledger_reference, [p.run(b) for b in ledger_batches], logits=logits))
+        return _metrics_dicts(compare(ledger_reference, [p.run(b) for b in ledger_batches], logits=logits))
 
-    ledger: list[LedgerEntry] = []
     start = time.perf_counter()
-    ledger.append(LedgerEntry("export", {"dims": {d.name: d.to_dict() for d in program.dims}}, True,
-                              timer.stages["export"], 0.0, sum(1 for _ in program.graph.nodes),
-                              summary=f"{sum(1 for n in program.graph.nodes if n.op == 'call_function')} ops",
-                              metrics=check(program)))
-    ledger[0].check_seconds = round(time.perf_counter() - start, 4)
+    export_metrics = check(program)
+    ledger = [LedgerEntry("export", {"dims": {d.name: d.to_dict() for d in program.dims}}, True,
+                          timer.stages["export"], time.perf_counter() - start, sum(1 for _ in program.graph.nodes),
+                          summary=f"{sum(1 for n in program.graph.nodes if n.op == 'call_function')} ops",
+                          metrics=export_metrics)]
 
     with timer("passes", f"{len(passes)} pass(es)"):
         manager = PassManager(passes, checker=check, dump_dir=dump_ir,
@@ -249,12 +248,13 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
     threads = _latency_threads(loaded, target)
     with store.staging() as staged:
         with timer("lower", f"{recipe.target.backend}"):
+            lower_start = time.perf_counter()
             build = target.lower(program, staged, log=reporter.log)
             runner = target.load(staged, threads=threads)
-            lower_start = time.perf_counter()
-            lowered = _worst(compare(ledger_reference, _run_lowered(runner, ledger_batches), logits=logits))
+            check_start = time.perf_counter()
+            lowered = _metrics_dicts(compare(ledger_reference, _run_lowered(runner, ledger_batches), logits=logits))
             ledger.append(LedgerEntry(f"lower:{target.name}", target.options.model_dump(mode="json"), True,
-                                      timer_seconds(timer, "lower"), round(time.perf_counter() - lower_start, 4),
+                                      check_start - lower_start, time.perf_counter() - check_start,
                                       sum(build.info.get("nodes", {}).values()),
                                       summary=_top_ops(build.info.get("nodes", {})), metrics=lowered))
 
@@ -263,7 +263,7 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
             metrics = compare(reference, candidate, logits=logits)
             gates = evaluate_gates(metrics, recipe.verify.accuracy.gates, recipe.verify.accuracy.outputs)
         accuracy = {"passed": all(g.passed for g in gates), "samples": sample_count(batches),
-                    "data": recipe.verify.data.source, "metrics": _worst(metrics),
+                    "data": recipe.verify.data.source, "metrics": _metrics_dicts(metrics),
                     "gates": [g.to_dict() for g in gates]}
 
         latency, latency_gates = _measure_latency(loaded, model, adapter, runner, threads, reporter, timer)
@@ -300,10 +300,6 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
         with timer("store", str(store.root)):
             artifact = store.commit(staged, manifest)
     return CompileResult(artifact.manifest, artifact, ledger, timer.stages, gates, latency_gates)
-
-
-def timer_seconds(timer: _Timer, name: str) -> float:
-    return timer.stages.get(name, 0.0)
 
 
 def _top_ops(nodes: Mapping[str, int], n: int = 4) -> str:

@@ -155,9 +155,9 @@ class Program:
         """Readable text: signature, op histogram, parameters and bytes; the full graph if asked."""
         s = self.summary()
         lines = ["inputs:"]
-        lines += [f"  {t.name}: {t.dtype}{list(t.shape)}" for t in s.inputs]
+        lines += [f"  {t.name}: {t.dtype}[{', '.join(map(str, t.shape))}]" for t in s.inputs]
         lines.append("outputs:")
-        lines += [f"  {t.name}: {t.dtype}{list(t.shape)}" for t in s.outputs]
+        lines += [f"  {t.name}: {t.dtype}[{', '.join(map(str, t.shape))}]" for t in s.outputs]
         lines.append("dynamic dims:")
         lines += [f"  {d.name}: min {d.min}, opt {d.opt}, max {d.max}" for d in s.dims] or ["  (none)"]
         lines.append(f"parameters: {s.parameters:,} ({_bytes(s.parameter_bytes)} incl. buffers); "

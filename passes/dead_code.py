@@ -156,7 +156,10 @@ class DeadCodePass(Pass):
             parts.append(f"{dead} dead nodes")
         summary = ("removed " + ", ".join(parts)) if modified else "nothing to remove"
         if stats.skipped:
-            kept = sum(sum(c.values()) for c in stats.skipped.values())
-            summary += f"; kept {kept} candidates (see stats)"
+            reasons: Counter = Counter()
+            for counter in stats.skipped.values():
+                reasons.update(counter)
+            summary += f"; kept {sum(reasons.values())} candidates: " + ", ".join(
+                f"{n} {why}" for why, n in reasons.most_common())
         result = {"noop_removed": dict(removed), "dead_removed": dead, "skipped": stats.to_dict()["skipped"]}
         return PassResult(program.with_graph(gm) if modified else program, modified, result, summary)

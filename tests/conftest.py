@@ -1,14 +1,22 @@
-"""Shared fixtures: a tiny random-weight BERT recipe (compiles in seconds) and a registry in tmp_path."""
+"""Shared fixtures: a tiny random-weight BERT recipe (compiles in seconds), a registry in tmp_path, and tiny
+BERT / Llama models exported to Programs (plus helpers to export variants and hand-written modules)."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
+import torch
 import yaml
+
+from compilekit.export import ExportAdapter, discover_outputs, export_program
+from compilekit.inputs import export_example_sizes, make_inputs
+from compilekit.ir import Program
+from compilekit.recipe import ConfigModel, DimSpec, InputSpec
+from compilekit.sources import LoadedModel, load_model
 
 # BERT, hidden 32, 2 layers, 2 heads, vocab 128: random weights from a config, no tokenizer, no download.
 TINY_RECIPE: dict[str, Any] = {
@@ -79,3 +87,74 @@ def tiny_recipe(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def registry_dir(tmp_path: Path) -> Path:
     return tmp_path / "registry"
+
+
+# ------------------------------------------------------------------------------- exported tiny models
+
+# Random-weight `config` models: hidden 32, 2 layers, vocab 128; no tokenizer, no download.
+TINY_BERT: dict[str, Any] = {
+    "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
+TINY_LLAMA: dict[str, Any] = {
+    "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
+TINY_DIMS: dict[str, dict[str, int]] = {"batch": {"min": 1, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 8, "max": 32}}
+
+
+class Tiny(NamedTuple):
+    program: Program
+    adapter: ExportAdapter
+    inputs: list[InputSpec]
+    loaded: LoadedModel
+
+
+def _export_tiny(config: Mapping[str, Any], task: str, input_names: Sequence[str],
+                 wanted: Sequence[str] | None = None) -> Tiny:
+    """Load a `config` model (seed 0) and export it with int64 [batch, seq] inputs over TINY_DIMS."""
+    loaded = load_model(ConfigModel.model_validate({"source": "config", "task": task, "config": dict(config), "seed": 0}))
+    inputs = [InputSpec.model_validate({"name": n, "dtype": "int64", "shape": ["batch", "seq"]}) for n in input_names]
+    dims = {k: DimSpec.model_validate(v) for k, v in TINY_DIMS.items()}
+    adapter = ExportAdapter(loaded.module, [s.name for s in inputs])
+    example = make_inputs(inputs, export_example_sizes(dims), vocab_size=loaded.vocab_size,
+                          generator=torch.Generator().manual_seed(0))
+    adapter.output_names = discover_outputs(adapter, example, wanted)
+    return Tiny(export_program(adapter, inputs, dims, vocab_size=loaded.vocab_size), adapter, inputs, loaded)
+
+
+def _export_module(module: torch.nn.Module, dtype: str = "float32") -> Program:
+    """A hand-written module with one input `x: dtype[batch, 8]` (batch 1..16) and one output `output`,
+    through the same export path as a `factory` model."""
+    inputs = [InputSpec.model_validate({"name": "x", "dtype": dtype, "shape": ["batch", 8]})]
+    adapter = ExportAdapter(module.eval(), ["x"], ["output"])
+    return export_program(adapter, inputs, {"batch": DimSpec(min=1, opt=4, max=16)}, vocab_size=None)
+
+
+# Session-scoped: Programs are immutable (passes and with_graph return new ones). A test that edits a program
+# or adapter in place must export its own (the `export_tiny` / `export_module` fixtures).
+@pytest.fixture(scope="session")
+def bert() -> Tiny:
+    return _export_tiny(TINY_BERT, "feature-extraction", ("input_ids", "attention_mask", "token_type_ids"))
+
+
+@pytest.fixture(scope="session")
+def llama() -> Tiny:
+    return _export_tiny(TINY_LLAMA, "causal-lm", ("input_ids", "attention_mask"))
+
+
+@pytest.fixture(scope="session")
+def export_tiny() -> Callable[..., Tiny]:
+    """`export_tiny(config, task, input_names, wanted=None) -> Tiny`: a fresh export of a `config` model."""
+    return _export_tiny
+
+
+@pytest.fixture(scope="session")
+def export_module() -> Callable[..., Program]:
+    """`export_module(module, dtype="float32") -> Program` for a hand-written nn.Module taking `x[batch, 8]`."""
+    return _export_module
+
+
+@pytest.fixture(scope="session")
+def tiny_configs() -> dict[str, dict[str, Any]]:
+    """The tiny model configs, for tests that export variants: build a new dict (`{**tiny_configs["llama"], ...}`)
+    rather than editing these, which every test shares (they are copies, so TINY_BERT / TINY_LLAMA stay intact)."""
+    return {"bert": copy.deepcopy(TINY_BERT), "llama": copy.deepcopy(TINY_LLAMA)}

@@ -358,9 +358,9 @@ def test_inspect_after_export_and_after_pass(inspect_recipe_path):
     assert text.startswith("# program after export\n")
     inputs = text.split("inputs:\n", 1)[1].split("outputs:\n", 1)[0]
     assert [line.split(":")[0].strip() for line in inputs.splitlines()] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert "int64['batch', 'seq']" in inputs
-    assert re.search(r"^  last_hidden_state: float32\['batch', 'seq', 32\]$", text, re.M)
-    assert re.search(r"^  pooler_output: float32\['batch', 32\]$", text, re.M)
+    assert "int64[batch, seq]" in inputs
+    assert re.search(r"^  last_hidden_state: float32\[batch, seq, 32\]$", text, re.M)
+    assert re.search(r"^  pooler_output: float32\[batch, 32\]$", text, re.M)
     assert re.search(r"^\s+\d+  aten\.linear(\.default)?$", text, re.M)  # the op histogram
     assert "seq: min 1, opt 8, max 32" in text
 

@@ -6,47 +6,18 @@ import pytest
 import torch
 
 from compilekit.errors import CompilekitError, ExportError
-from compilekit.export import ExportAdapter, discover_outputs, export_program, named_tensor_outputs
+from compilekit.export import discover_outputs, named_tensor_outputs
 from compilekit.inputs import export_example_sizes, make_inputs
-from compilekit.recipe import ConfigModel, DimSpec, InputSpec
-from compilekit.sources import load_model
+from compilekit.recipe import DimSpec
 
-BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
-LLAMA = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
-DIMS = {"batch": {"min": 1, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 8, "max": 32}}
+# `bert`, `llama` (Tiny: program, adapter, inputs, loaded), `export_tiny`, `export_module` and `tiny_configs`
+# come from tests/conftest.py; the models are exported over batch 1..8 (opt 2) and seq 1..32 (opt 8).
 # Sizes that differ from the export example sizes (batch 2, seq 8), including both minimums and both maximums.
 SIZES = [(1, 1), (1, 7), (3, 17), (8, 32)]
 
 
-def _inputs(*names: str) -> list[InputSpec]:
-    return [InputSpec.model_validate({"name": n, "dtype": "int64", "shape": ["batch", "seq"]}) for n in names]
-
-
-def _dims(dims=DIMS) -> dict[str, DimSpec]:
+def _dims(dims) -> dict[str, DimSpec]:
     return {k: DimSpec.model_validate(v) for k, v in dims.items()}
-
-
-def _export(config: dict, task: str, input_names: tuple[str, ...], wanted=None):
-    loaded = load_model(ConfigModel.model_validate({"source": "config", "task": task, "config": config, "seed": 0}))
-    inputs, dims = _inputs(*input_names), _dims()
-    adapter = ExportAdapter(loaded.module, [s.name for s in inputs])
-    example = make_inputs(inputs, export_example_sizes(dims), vocab_size=loaded.vocab_size,
-                          generator=torch.Generator().manual_seed(0))
-    adapter.output_names = discover_outputs(adapter, example, wanted)
-    program = export_program(adapter, inputs, dims, vocab_size=loaded.vocab_size)
-    return program, adapter, inputs, loaded
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return _export(BERT, "feature-extraction", ("input_ids", "attention_mask", "token_type_ids"))
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return _export(LLAMA, "causal-lm", ("input_ids", "attention_mask"))
 
 
 def _data(inputs, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
@@ -133,13 +104,13 @@ def test_outputs_are_named_from_the_model_output(bert, llama):
     assert llama[1].call_kwargs["use_cache"] is False
 
 
-def test_wanted_outputs_select_and_order(bert):
+def test_wanted_outputs_select_and_order(bert, export_tiny, tiny_configs):
     _, adapter, inputs, loaded = bert
     data = _data(inputs, 2, 8, seed=0)
     assert discover_outputs(adapter, data, None) == ["last_hidden_state", "pooler_output"]
     assert discover_outputs(adapter, data, ["pooler_output"]) == ["pooler_output"]
-    program, _, _, _ = _export(BERT, "feature-extraction", ("input_ids", "attention_mask", "token_type_ids"),
-                               wanted=["pooler_output"])
+    program, _, _, _ = export_tiny(tiny_configs["bert"], "feature-extraction",
+                                   ("input_ids", "attention_mask", "token_type_ids"), wanted=["pooler_output"])
     assert [t.name for t in program.outputs] == ["pooler_output"]
     assert list(program.run(data)) == ["pooler_output"]
 
@@ -176,16 +147,10 @@ class _ItemSlice(torch.nn.Module):
         return x[:, :n]
 
 
-def _export_module(module: torch.nn.Module):
-    inputs = [InputSpec.model_validate({"name": "x", "dtype": "float32", "shape": ["batch", 8]})]
-    adapter = ExportAdapter(module.eval(), ["x"], ["output"])
-    return export_program(adapter, inputs, _dims({"batch": {"min": 1, "opt": 4, "max": 16}}), vocab_size=None)
-
-
 @pytest.mark.parametrize("module, line", [(_BranchOnValue, "if x.sum() > 0:"), (_ItemSlice, "n = int(x.max().item())")])
-def test_untraceable_model_raises_export_error_with_the_construct(module, line):
+def test_untraceable_model_raises_export_error_with_the_construct(module, line, export_module):
     with pytest.raises(ExportError) as info:
-        _export_module(module())
+        export_module(module())
     err = info.value
     assert err.__cause__ is None and err.__suppress_context__  # no torch traceback chained onto it
     assert err.message.startswith("torch.export failed (")
@@ -193,7 +158,7 @@ def test_untraceable_model_raises_export_error_with_the_construct(module, line):
     assert "branches on tensor values" in err.hint
 
 
-def test_traceable_module_exports_and_runs():
+def test_traceable_module_exports_and_runs(export_module):
     class Affine(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -202,13 +167,13 @@ def test_traceable_module_exports_and_runs():
         def forward(self, x):
             return x @ self.w
 
-    program = _export_module(Affine())
+    program = export_module(Affine())
     x = torch.randn(5, 8)
     assert [t.to_dict() for t in program.outputs] == [{"name": "output", "dtype": "float32", "shape": ["batch", 3]}]
     assert torch.equal(program.run({"x": x})["output"], x @ program.ep.state_dict["model.w"])
 
 
-def test_failing_construct_is_found_in_a_folder_named_compilekit(tmp_path, monkeypatch):
+def test_failing_construct_is_found_in_a_folder_named_compilekit(tmp_path, monkeypatch, export_module):
     # A user's checkout is often called compilekit (`git clone .../compilekit`): its model files are still user code.
     folder = tmp_path / "compilekit" / "models"
     folder.mkdir(parents=True)
@@ -224,7 +189,7 @@ def test_failing_construct_is_found_in_a_folder_named_compilekit(tmp_path, monke
 
     try:
         with pytest.raises(ExportError) as info:
-            _export_module(ck_branchy_model.Branchy())
+            export_module(ck_branchy_model.Branchy())
     finally:
         monkeypatch.delitem(__import__("sys").modules, "ck_branchy_model", raising=False)
     assert "ck_branchy_model.py:5 in forward: if x.mean() > 0:" in info.value.message

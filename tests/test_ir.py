@@ -7,39 +7,12 @@ from collections import Counter
 import pytest
 import torch
 
-from compilekit.export import ExportAdapter, discover_outputs, export_program
-from compilekit.inputs import export_example_sizes, make_inputs
+from compilekit.inputs import make_inputs
 from compilekit.ir import DimRange, TensorSpec, op_histogram, op_name
-from compilekit.recipe import ConfigModel, DimSpec, InputSpec
-from compilekit.sources import load_model
 
 aten = torch.ops.aten
 
-BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
-LLAMA = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
-DIMS = {"batch": {"min": 1, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 8, "max": 32}}
-
-
-def _export(config: dict, task: str, input_names: tuple[str, ...]):
-    loaded = load_model(ConfigModel.model_validate({"source": "config", "task": task, "config": config, "seed": 0}))
-    inputs = [InputSpec.model_validate({"name": n, "dtype": "int64", "shape": ["batch", "seq"]}) for n in input_names]
-    dims = {k: DimSpec.model_validate(v) for k, v in DIMS.items()}
-    adapter = ExportAdapter(loaded.module, list(input_names))
-    example = make_inputs(inputs, export_example_sizes(dims), vocab_size=128, generator=torch.Generator().manual_seed(0))
-    adapter.output_names = discover_outputs(adapter, example, None)
-    return export_program(adapter, inputs, dims, vocab_size=128), adapter, inputs, loaded
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return _export(BERT, "feature-extraction", ("input_ids", "attention_mask", "token_type_ids"))
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return _export(LLAMA, "causal-lm", ("input_ids", "attention_mask"))
+# `bert`, `llama` (Tiny: program, adapter, inputs, loaded), `export_tiny` and `tiny_configs` come from tests/conftest.py.
 
 
 def _data(inputs, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -106,10 +79,10 @@ def test_summary_counts_match_the_model(bert):
     assert s.to_dict()["dims"] == {"batch": {"min": 1, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 8, "max": 32}}
 
 
-def test_summary_counts_tied_weights_once():
+def test_summary_counts_tied_weights_once(export_tiny, tiny_configs):
     # Llama with tie_word_embeddings: lm_head.weight is embed_tokens.weight under a second name.
-    config = {**LLAMA, "num_hidden_layers": 1, "tie_word_embeddings": True}
-    program, _, _, loaded = _export(config, "causal-lm", ("input_ids",))
+    config = {**tiny_configs["llama"], "num_hidden_layers": 1, "tie_word_embeddings": True}
+    program, _, _, loaded = export_tiny(config, "causal-lm", ("input_ids",))
     assert loaded.module.lm_head.weight is loaded.module.model.embed_tokens.weight
     n_params = sum(p.numel() for p in loaded.module.parameters())
     assert program.summary().parameters == n_params == loaded.identity["parameters"]
@@ -121,8 +94,8 @@ def test_describe_mentions_dims_ops_and_parameters(bert):
     program = bert[0]
     text = program.describe()
     assert "batch: min 1, opt 2, max 8" in text and "seq: min 1, opt 8, max 32" in text
-    assert "input_ids: int64['batch', 'seq']" in text
-    assert "last_hidden_state: float32['batch', 'seq', 32]" in text
+    assert "input_ids: int64[batch, seq]" in text
+    assert "last_hidden_state: float32[batch, seq, 32]" in text
     assert "parameters: 24,416 (95.4 KiB incl. buffers)" in text
     assert f"graph: {len(program.graph.nodes)} nodes" in text
     assert "   13  aten.linear" in text

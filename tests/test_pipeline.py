@@ -9,8 +9,7 @@ import torch
 
 from compilekit import pipeline
 from compilekit.errors import PassError, RecipeError
-from compilekit.export import ExportAdapter, discover_outputs, export_program
-from compilekit.inputs import export_example_sizes, make_inputs
+from compilekit.inputs import make_inputs
 from compilekit.ir import op_histogram
 from compilekit.passes.dead_code import DeadCodePass
 from compilekit.pipeline import (
@@ -25,15 +24,9 @@ from compilekit.pipeline import (
     histogram_delta,
     register_pass,
 )
-from compilekit.recipe import ConfigModel, DimSpec, InputSpec, PassSpec, load_recipe
-from compilekit.sources import load_model
+from compilekit.recipe import PassSpec, load_recipe
 
 aten = torch.ops.aten
-
-BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
-DIMS = {"batch": {"min": 1, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 8, "max": 32}}
-
 
 class _Affine(torch.nn.Module):
     def __init__(self) -> None:
@@ -46,24 +39,16 @@ class _Affine(torch.nn.Module):
 
 
 @pytest.fixture
-def affine():
+def affine(export_module):
     """A fresh tiny program per test (some tests below corrupt it on purpose)."""
-    inputs = [InputSpec.model_validate({"name": "x", "dtype": "float32", "shape": ["batch", 8]})]
-    adapter = ExportAdapter(_Affine().eval(), ["x"], ["output"])
-    return export_program(adapter, inputs, {"batch": DimSpec(min=1, opt=4, max=16)}, vocab_size=None)
+    return export_module(_Affine())
 
 
 @pytest.fixture(scope="module")
-def bert():
-    loaded = load_model(ConfigModel.model_validate({"source": "config", "config": BERT, "seed": 0}))
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    inputs = [InputSpec.model_validate({"name": n, "dtype": "int64", "shape": ["batch", "seq"]}) for n in names]
-    dims = {k: DimSpec.model_validate(v) for k, v in DIMS.items()}
-    adapter = ExportAdapter(loaded.module, names)
-    example = make_inputs(inputs, export_example_sizes(dims), vocab_size=128, generator=torch.Generator().manual_seed(0))
-    adapter.output_names = discover_outputs(adapter, example, None)
-    data = make_inputs(inputs, {"batch": 3, "seq": 11}, vocab_size=128, generator=torch.Generator().manual_seed(1))
-    return export_program(adapter, inputs, dims, vocab_size=128), adapter, data
+def bert(bert):
+    """The shared tiny BERT (tests/conftest.py) with one batch of data at sizes unlike the export example."""
+    data = make_inputs(bert.inputs, {"batch": 3, "seq": 11}, vocab_size=128, generator=torch.Generator().manual_seed(1))
+    return bert.program, bert.adapter, data
 
 
 def _output_node(graph: torch.fx.Graph) -> torch.fx.Node:

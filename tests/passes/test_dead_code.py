@@ -6,46 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compilekit.export import ExportAdapter, discover_outputs, export_program
-from compilekit.inputs import export_example_sizes, make_inputs
+from compilekit.inputs import make_inputs
 from compilekit.ir import op_histogram
 from compilekit.passes.dead_code import DeadCodePass
 from compilekit.pipeline import get_pass, histogram_delta
-from compilekit.recipe import ConfigModel, DimSpec, InputSpec
-from compilekit.sources import load_model
 
-BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
-LLAMA = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
-DIMS = {"batch": {"min": 1, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 8, "max": 32}}
-
-
-def _export(config: dict, task: str, input_names: tuple[str, ...]):
-    loaded = load_model(ConfigModel.model_validate({"source": "config", "task": task, "config": config, "seed": 0}))
-    inputs = [InputSpec.model_validate({"name": n, "dtype": "int64", "shape": ["batch", "seq"]}) for n in input_names]
-    dims = {k: DimSpec.model_validate(v) for k, v in DIMS.items()}
-    adapter = ExportAdapter(loaded.module, list(input_names))
-    example = make_inputs(inputs, export_example_sizes(dims), vocab_size=128, generator=torch.Generator().manual_seed(0))
-    adapter.output_names = discover_outputs(adapter, example, None)
-    return export_program(adapter, inputs, dims, vocab_size=128), adapter, inputs
-
-
-def _export_module(module: torch.nn.Module, dtype: str = "float32"):
-    """A hand-written module through the same export path as a `factory` model."""
-    inputs = [InputSpec.model_validate({"name": "x", "dtype": dtype, "shape": ["batch", 8]})]
-    adapter = ExportAdapter(module.eval(), ["x"], ["output"])
-    return export_program(adapter, inputs, {"batch": DimSpec(min=1, opt=4, max=16)}, vocab_size=None)
-
-
-@pytest.fixture(scope="module")
-def bert():
-    return _export(BERT, "feature-extraction", ("input_ids", "attention_mask", "token_type_ids"))
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return _export(LLAMA, "causal-lm", ("input_ids", "attention_mask"))
+# `bert`, `llama` (Tiny: program, adapter, inputs, loaded) and `export_module` come from tests/conftest.py.
 
 
 def _data(inputs, batch: int, seq: int, seed: int = 0):
@@ -91,7 +57,7 @@ def test_bert_structure_dropouts_and_copies_removed(bert):
     result.program.ep.validate()
 
 
-def test_golden_mixed_module():
+def test_golden_mixed_module(export_module):
     class Mixed(torch.nn.Module):
         def forward(self, x):
             _unused = x * 3                                     # dead
@@ -102,7 +68,7 @@ def test_golden_mixed_module():
             e = d.view(-1).view(x.shape[0], 8) - 0              # shape-changing views kept; - 0 removed
             return torch.cat([e[:, 0:8], e[:, 1:]], 1) / 1      # full slice removed; partial slice and output kept
 
-    program = _export_module(Mixed())
+    program = export_module(Mixed())
     result = DeadCodePass()(program)
     assert result.stats == {
         "noop_removed": {"dropout": 1, "identity": 3, "arith-identity": 3},
@@ -141,7 +107,7 @@ def test_options_are_checked():
 
 @pytest.mark.parametrize("model, sizes", [("bert", [(3, 13), (1, 1)]), ("llama", [(1, 5), (4, 19)])])
 def test_numbers_unchanged_at_other_sizes(model, sizes, request):
-    program, adapter, inputs = request.getfixturevalue(model)
+    program, adapter, inputs, _ = request.getfixturevalue(model)
     result = DeadCodePass()(program)
     assert result.modified
     for i, (batch, seq) in enumerate(sizes):
@@ -168,8 +134,8 @@ class _Affine(torch.nn.Module):
         return x @ self.w + self.b
 
 
-def test_nothing_to_remove_returns_the_same_program():
-    program = _export_module(_Affine())
+def test_nothing_to_remove_returns_the_same_program(export_module):
+    program = export_module(_Affine())
     graph_before = _fingerprint(program)
     result = DeadCodePass()(program)
     assert result.modified is False and result.program is program
@@ -187,14 +153,14 @@ def test_second_run_is_a_no_op(bert):
     assert second.stats["skipped"] == first.stats["skipped"]
 
 
-def test_copies_are_kept_when_the_graph_writes_in_place():
+def test_copies_are_kept_when_the_graph_writes_in_place(export_module):
     class InPlace(torch.nn.Module):
         def forward(self, x):
             y = x.clone()  # without this copy, add_ would write into the caller's tensor
             y.add_(1.0)
             return (y * 1) * 2
 
-    program = _export_module(InPlace())
+    program = export_module(InPlace())
     hist = op_histogram(program.graph)
     assert hist["aten.clone"] == 1 and hist["aten.add_.Tensor"] == 1
     result = DeadCodePass()(program)
@@ -207,12 +173,12 @@ def test_copies_are_kept_when_the_graph_writes_in_place():
     assert torch.equal(out, (x + 1) * 2)
 
 
-def test_clone_feeding_the_output_is_kept():
+def test_clone_feeding_the_output_is_kept(export_module):
     class CloneOut(torch.nn.Module):
         def forward(self, x):
             return (x.clone() * 2).clone()  # inner clone is a no-op; the outer one is the graph output
 
-    program = _export_module(CloneOut())
+    program = export_module(CloneOut())
     assert op_histogram(program.graph)["aten.clone"] == 2
     result = DeadCodePass()(program)
     assert result.stats["noop_removed"] == {"identity": 1}
@@ -224,12 +190,12 @@ def test_clone_feeding_the_output_is_kept():
     assert torch.equal(result.program.run({"x": x})["output"], x * 2)
 
 
-def test_dtype_promotion_is_not_an_identity():
+def test_dtype_promotion_is_not_an_identity(export_module):
     class IntMath(torch.nn.Module):
         def forward(self, x):
             return (x * 1 + 1) / 1 + (x / 1)  # int * 1 stays int (a no-op); int / 1 becomes float (kept, twice)
 
-    program = _export_module(IntMath(), dtype="int64")
+    program = export_module(IntMath(), dtype="int64")
     result = DeadCodePass()(program)
     assert result.stats["noop_removed"] == {"arith-identity": 1}
     assert result.stats["skipped"]["arith-identity"]["result type differs from input (promotion)"] == 2

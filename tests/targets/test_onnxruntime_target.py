@@ -13,30 +13,19 @@ import torch
 from pydantic import ValidationError
 
 from compilekit.errors import ArtifactError, RecipeError
-from compilekit.export import ExportAdapter, discover_outputs, export_program
-from compilekit.inputs import export_example_sizes, make_inputs
+from compilekit.inputs import make_inputs
 from compilekit.passes.dead_code import DeadCodePass
-from compilekit.recipe import ConfigModel, DimSpec, InputSpec, TargetSpec
-from compilekit.sources import load_model
+from compilekit.recipe import TargetSpec
 from compilekit.targets import build_target
 from compilekit.targets.onnxruntime import MODEL_FILE, OnnxRuntimeTarget
 
-BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
-DIMS = {"batch": {"min": 1, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 8, "max": 32}}
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
 
 @pytest.fixture(scope="module")
-def bert():
-    loaded = load_model(ConfigModel.model_validate({"source": "config", "config": BERT, "seed": 0}))
-    inputs = [InputSpec.model_validate({"name": n, "dtype": "int64", "shape": ["batch", "seq"]}) for n in NAMES]
-    dims = {k: DimSpec.model_validate(v) for k, v in DIMS.items()}
-    adapter = ExportAdapter(loaded.module, NAMES)
-    example = make_inputs(inputs, export_example_sizes(dims), vocab_size=128, generator=torch.Generator().manual_seed(0))
-    adapter.output_names = discover_outputs(adapter, example, None)
-    program = DeadCodePass()(export_program(adapter, inputs, dims, vocab_size=128)).program
-    return program, inputs
+def bert(bert):
+    """The shared tiny BERT (tests/conftest.py) after cleanup.dead_code, with its input specs."""
+    return DeadCodePass()(bert.program).program, bert.inputs
 
 
 @pytest.fixture(scope="module")
