@@ -37,19 +37,33 @@ def _quiet_exporter():
 def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, external_data: bool | None = None) -> list[Path]:
     """Write `path` (and `path.data` when external) and return the files written. Checks the model."""
     table = ops.translation_table(flavor)
-    missing = ops.compilekit_ops_in(program.graph) - set(table)
+    decompositions = ops.decomposition_table(flavor)
+    used = ops.compilekit_ops_in(program.graph)
+    missing = used - set(table) - set(decompositions)
     if missing:
         raise LoweringError(f"no {flavor} ONNX translation for {sorted(map(str, missing))}",
                             hint="remove the pass that emitted these ops, or choose another target")
     if external_data is None:
         external_data = program.summary().parameter_bytes > EXTERNAL_DATA_BYTES
+    ep = program.ep
+    wanted = {op: fn for op, fn in decompositions.items() if op in used}
+    if wanted:
+        # This flavor lowers these ops by rewriting them into ATen that the exporter and ONNX-level
+        # fusions already turn into the fastest form (ops.register_decomposition).
+        ep = ep.run_decompositions(wanted)
     try:
         with _quiet_exporter():
             onnx_program = torch.onnx.export(
-                program.ep, (), dynamo=True, opset_version=opset,
+                ep, (), dynamo=True, opset_version=opset,
                 input_names=[t.name for t in program.inputs], output_names=[t.name for t in program.outputs],
-                custom_translation_table=table or None, optimize=True, verbose=False, report=False,
+                custom_translation_table=table or None, optimize=False, verbose=False, report=False,
             )
+            # The exporter's own optimize step also runs onnxscript's ONNX fusions, which at opset 23 emit a
+            # RotaryEmbedding that fails in ONNX Runtime for batch > 1 (NOTES.md). Fusion is the passes'
+            # job and the target's, so only the generic clean-up (constant folding, dead code) runs here.
+            import onnxscript.optimizer
+
+            onnxscript.optimizer.optimize_ir(onnx_program.model)
     except Exception as exc:  # the exporter raises its own error types; all mean "could not lower"
         lines = str(exc).strip().splitlines()
         raise LoweringError(f"torch.onnx could not lower the program: {type(exc).__name__}: " + "\n    ".join(lines[:15]),
@@ -57,6 +71,7 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
                                  "`compilekit inspect RECIPE --after PASS` shows the graph") from None
     _name_dims(onnx_program.model, program)
     _drop_stack_traces(onnx_program.model)
+    _trim_unused_outputs(onnx_program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
     with _quiet_exporter():
@@ -72,6 +87,36 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
     if (path.parent / data_name).exists():
         files.append(path.parent / data_name)
     return files
+
+
+# Ops whose trailing outputs are optional and cost work (or are rejected by TensorRT) when declared.
+_TRIMMABLE = {("", "Attention"), ("", "LayerNormalization")}
+
+
+def _trim_unused_outputs(model) -> None:
+    """Re-create nodes of `_TRIMMABLE` ops without their unused trailing outputs."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    for node in list(graph):
+        if (node.domain, node.op_type) not in _TRIMMABLE:
+            continue
+        outputs = list(node.outputs)
+        keep = len(outputs)
+        while keep > 1 and not outputs[keep - 1].uses() and not outputs[keep - 1].is_graph_output():
+            keep -= 1
+        if keep == len(outputs):
+            continue
+        new = ir.Node(node.domain, node.op_type, node.inputs, node.attributes.values(), num_outputs=keep,
+                      name=node.name, metadata_props=dict(node.metadata_props))
+        graph.insert_before(node, new)
+        for old_value, new_value in zip(outputs, new.outputs):
+            name = old_value.name
+            new_value.shape, new_value.type = old_value.shape, old_value.type
+            old_value.replace_all_uses_with(new_value, replace_graph_outputs=True)
+            old_value.name = None
+            new_value.name = name
+        graph.remove(node, safe=True)
 
 
 def _drop_stack_traces(model) -> None:
