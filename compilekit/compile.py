@@ -31,7 +31,7 @@ from .recipe import LoadedRecipe
 from .registry import LocalStore, default_store_path
 from .sources import LoadedModel, load_model
 from .targets import Target, build_target
-from .verify import compare, evaluate_gates, measure_interleaved, peak_rss_mb
+from .verify import compare, evaluate_gates, measure_blocks, measure_interleaved, peak_rss_mb
 from .verify.data import random_batches, sample_count, take_samples, text_batches, text_samples
 
 Batch = dict[str, torch.Tensor]
@@ -334,11 +334,21 @@ def _measure_latency(loaded: LoadedRecipe, model: LoadedModel, adapter: ExportAd
         with torch.inference_mode():
             return adapter(*args)
 
+    spinning = bool(runner.describe().get("spinning"))
+    if spec.method == "interleaved" and spinning:
+        raise loaded.error(("verify", "latency", "method"), "interleaved timing with ONNX Runtime thread spinning on "
+                           "measures eager PyTorch while ORT threads busy-wait on its cores (about 2x too slow)",
+                           hint="use `method: blocks`, or set target.options.spinning: false")
     label = " x ".join(f"{k}={v}" for k, v in sizes.items())
-    with timer("latency", f"{label}, {threads} threads, {spec.runs} runs interleaved"), _torch_threads(threads):
-        stats = measure_interleaved({"eager": eager, "compiled": compiled}, warmup=spec.warmup, runs=spec.runs,
-                                    items_per_run=batch,
-                                    progress=lambda done, total: reporter.progress("latency", done, total))
+    progress = lambda done, total: reporter.progress("latency", done, total)  # noqa: E731
+    candidates = {"eager": eager, "compiled": compiled}
+    with timer("latency", f"{label}, {threads} threads, {spec.runs} runs, {spec.method}"), _torch_threads(threads):
+        if spec.method == "blocks":
+            stats = measure_blocks(candidates, warmup=spec.warmup, runs=spec.runs, block=spec.block,
+                                   settle=spec.settle, items_per_run=batch, progress=progress)
+        else:
+            stats = measure_interleaved(candidates, warmup=spec.warmup, runs=spec.runs, items_per_run=batch,
+                                        progress=progress)
     c, e = stats["compiled"], stats["eager"]
     speedup = e.p50_ms / c.p50_ms if c.p50_ms > 0 else float("inf")
     gates: list[dict[str, Any]] = []
@@ -351,8 +361,9 @@ def _measure_latency(loaded: LoadedRecipe, model: LoadedModel, adapter: ExportAd
     latency = {
         "passed": all(g["passed"] for g in gates), "enabled": True,
         "shape": sizes, "threads": threads, "runs": spec.runs, "warmup": spec.warmup,
-        "method": "interleaved eager/compiled in one process; ORT thread spinning "
-                  + ("on" if runner.describe().get("spinning") else "off"),
+        "method": (f"alternating blocks of {spec.block} runs ({spec.settle} untimed per block)"
+                   if spec.method == "blocks" else "interleaved run by run")
+                  + "; eager and compiled in one process; ORT thread spinning " + ("on" if spinning else "off"),
         "p50_ms": round(c.p50_ms, 4), "p90_ms": round(c.p90_ms, 4), "p99_ms": round(c.p99_ms, 4),
         "throughput": round(c.throughput, 2),
         "baseline_p50_ms": round(e.p50_ms, 4), "baseline_p90_ms": round(e.p90_ms, 4),

@@ -212,8 +212,13 @@ class LatencyBudget(_Model):
 
 class LatencySpec(_Model):
     enabled: bool = Field(True, description="Measure latency against eager PyTorch.")
+    method: Literal["blocks", "interleaved"] = Field(
+        "blocks", description="blocks: each candidate timed in steady state, in alternating blocks of `block` runs; "
+        "interleaved: one eager run, one compiled run, in turn (needs ORT spinning off).")
     warmup: int = Field(5, ge=0, description="Untimed runs of each before timing.")
-    runs: int = Field(30, ge=1, description="Timed runs of each, interleaved eager/compiled.")
+    runs: int = Field(30, ge=1, description="Timed runs of each.")
+    block: int = Field(10, ge=1, description="blocks: consecutive runs of one candidate per block.")
+    settle: int = Field(2, ge=0, description="blocks: untimed runs at the start of each block.")
     threads: int | None = Field(None, ge=1, description="Threads for both eager and compiled (default: all cores).")
     shape: dict[str, int] = Field(default_factory=dict, description="Sizes for dims (default: opt).")
     budget: LatencyBudget = Field(default_factory=LatencyBudget, description="Latency gates (none by default).")

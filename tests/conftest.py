@@ -109,9 +109,11 @@ class Tiny(NamedTuple):
 
 
 def _export_tiny(config: Mapping[str, Any], task: str, input_names: Sequence[str],
-                 wanted: Sequence[str] | None = None) -> Tiny:
-    """Load a `config` model (seed 0) and export it with int64 [batch, seq] inputs over TINY_DIMS."""
-    loaded = load_model(ConfigModel.model_validate({"source": "config", "task": task, "config": dict(config), "seed": 0}))
+                 wanted: Sequence[str] | None = None, *, attn_implementation: str | None = None) -> Tiny:
+    """Load a `config` model (seed 0) and export it with int64 [batch, seq] inputs over TINY_DIMS.
+    `attn_implementation` ("eager" / "sdpa") is passed to transformers; None keeps its default."""
+    loaded = load_model(ConfigModel.model_validate({"source": "config", "task": task, "config": dict(config), "seed": 0,
+                                                    "attn_implementation": attn_implementation}))
     inputs = [InputSpec.model_validate({"name": n, "dtype": "int64", "shape": ["batch", "seq"]}) for n in input_names]
     dims = {k: DimSpec.model_validate(v) for k, v in TINY_DIMS.items()}
     adapter = ExportAdapter(loaded.module, [s.name for s in inputs])
@@ -143,7 +145,8 @@ def llama() -> Tiny:
 
 @pytest.fixture(scope="session")
 def export_tiny() -> Callable[..., Tiny]:
-    """`export_tiny(config, task, input_names, wanted=None) -> Tiny`: a fresh export of a `config` model."""
+    """`export_tiny(config, task, input_names, wanted=None, *, attn_implementation=None) -> Tiny`: a fresh export
+    of a `config` model."""
     return _export_tiny
 
 

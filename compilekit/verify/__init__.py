@@ -10,7 +10,7 @@ from compilekit.verify.accuracy import (
     compare,
     evaluate_gates,
 )
-from compilekit.verify.latency import LatencyStats, measure_interleaved, peak_rss_mb, percentiles
+from compilekit.verify.latency import LatencyStats, measure_blocks, measure_interleaved, peak_rss_mb, percentiles
 
 __all__ = [
     "GATE_METRICS",
@@ -20,6 +20,7 @@ __all__ = [
     "OutputMetrics",
     "compare",
     "evaluate_gates",
+    "measure_blocks",
     "measure_interleaved",
     "peak_rss_mb",
     "percentiles",
