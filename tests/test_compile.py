@@ -142,3 +142,17 @@ def test_corrupt_artifact_is_refused_on_load(tiny_recipe, registry_dir):
     model.write_bytes(model.read_bytes()[:-100])
     with pytest.raises(ArtifactError, match="model.onnx"):
         load_artifact(result.manifest["id"], registry=registry_dir)
+
+
+def test_interleaved_timing_with_spinning_threads_is_refused(tiny_recipe, registry_dir):
+    recipe = tiny_recipe({"target": {"options": {"spinning": True}}, "verify": {"latency": {"method": "interleaved"}}})
+    with pytest.raises(RecipeError, match=r"verify\.latency\.method: interleaved timing with ONNX Runtime thread spinning"):
+        compile_recipe(load_recipe(recipe), registry=registry_dir)
+    assert _leftovers(registry_dir) == []
+
+
+def test_latency_method_is_stated_in_the_manifest(tiny_recipe, registry_dir):
+    result = compile_recipe(load_recipe(tiny_recipe({"verify": {"latency": {"block": 2, "settle": 1}}})),
+                            registry=registry_dir)
+    assert result.manifest["latency"]["method"].startswith("alternating blocks of 2 runs (1 untimed per block)")
+    assert result.manifest["latency"]["method"].endswith("ORT thread spinning off")

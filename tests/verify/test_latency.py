@@ -69,3 +69,23 @@ def test_peak_rss_tracks_a_large_allocation():
     block = np.ones(256 * 2**20 // 8)  # 256 MiB, touched so it is resident
     assert peak_rss_mb() >= rss_now_mb + 200
     del block
+
+
+def test_measure_blocks_times_steady_state_blocks_in_alternating_order():
+    from compilekit.verify.latency import measure_blocks
+
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    stats = measure_blocks(fns, warmup=1, runs=5, block=3, settle=1, items_per_run=2)
+    assert stats["a"].runs == 5 and stats["b"].runs == 5
+    # warm-up a, b; round 0: a x (1 settle + 3), b x (1 + 3); round 1 reversed: b x (1 + 2), a x (1 + 2)
+    assert "".join(calls) == "ab" + "aaaa" + "bbbb" + "bbb" + "aaa"
+
+
+def test_measure_blocks_rejects_bad_counts():
+    from compilekit.verify.latency import measure_blocks
+
+    with pytest.raises(VerificationError):
+        measure_blocks({"a": lambda: None}, warmup=0, runs=3, block=0, settle=0, items_per_run=1)
+    with pytest.raises(VerificationError):
+        measure_blocks({}, warmup=0, runs=3, block=2, settle=0, items_per_run=1)
