@@ -140,7 +140,7 @@ def export_plain(model, tokenizer, path: Path) -> None:
                              padding=True, return_tensors="pt"))
     batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=512)
     dynamic = {name: {0: batch, 1: seq} for name in ("input_ids", "attention_mask", "token_type_ids")}
-    with quiet_stdout(), torch.inference_mode(False):
+    with quiet_stdout():
         program = torch.onnx.export(model, (), kwargs={k: example[k] for k in dynamic}, dynamo=True,
                                     opset_version=18, dynamic_shapes=dynamic)
         program.save(str(path))
