@@ -138,3 +138,26 @@ def _attention_onnx_standard(q, k, v, mask, scale: float, is_causal: bool, num_h
 
 
 register_translation("tensorrt", torch.ops.compilekit.attention.default)(_attention_onnx_standard)
+
+
+# ------------------------------------------------------------------------------------------- rms_norm
+
+
+def _rms_norm_ort(x, normalized_shape, weight=None, eps: float | None = None):
+    """onnxruntime flavor of `aten.rms_norm` over the last dim: the decomposed form with `axes=[-1]` that
+    onnxscript's ort_fusions turn into ORT's SimplifiedLayerNormalization (the exporter's own translation
+    uses a positive axis, which that fusion does not match)."""
+    from onnxscript import opset18 as op
+
+    if len(normalized_shape) != 1:
+        raise NotImplementedError("rms_norm over more than the last dim")
+    if eps is None:
+        eps = float(torch.finfo(torch.float32).eps)
+    two = op.CastLike(op.Constant(value_float=2.0), x)
+    mean_square = op.ReduceMean(op.Pow(x, two), op.Constant(value_ints=[-1]), keepdims=1, noop_with_empty_axes=0)
+    rms = op.Sqrt(op.Add(mean_square, op.CastLike(op.Constant(value_float=eps), x)))
+    normalized = op.Mul(x, op.Reciprocal(rms))
+    return normalized if weight is None else op.Mul(weight, normalized)
+
+
+register_translation("onnxruntime", torch.ops.aten.rms_norm.default)(_rms_norm_ort)

@@ -40,6 +40,9 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
     decompositions = ops.decomposition_table(flavor)
     used = ops.compilekit_ops_in(program.graph)
     missing = used - set(table) - set(decompositions)
+    # A flavor's table may also override ATen ops; only pass those the graph uses.
+    graph_ops = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    table = {op: fn for op, fn in table.items() if op in graph_ops or op.namespace == "compilekit"}
     if missing:
         raise LoweringError(f"no {flavor} ONNX translation for {sorted(map(str, missing))}",
                             hint="remove the pass that emitted these ops, or choose another target")
