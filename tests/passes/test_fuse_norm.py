@@ -90,3 +90,22 @@ def test_options_turn_rules_off(llama):
     program = DeadCodePass()(llama.program).program
     result = FuseNormPass({"rms_norm": False})(program)
     assert not result.modified and result.program is program
+
+
+def test_rms_norm_lowers_to_simplified_layer_norm_on_ort(llama, tmp_path):
+    import numpy as np
+
+    from compilekit.targets.onnxruntime import OnnxRuntimeTarget
+
+    program = _fused(llama).program
+    target = OnnxRuntimeTarget({"threads": 1})
+    build = target.lower(program, tmp_path)
+    nodes = build.info["nodes"]
+    layers = llama.loaded.config.num_hidden_layers
+    # the residual adds become SkipSimplifiedLayerNormalization (kept: it measured fast), the rest Simplified
+    assert nodes.get("SimplifiedLayerNormalization", 0) + nodes.get("com.microsoft::SkipSimplifiedLayerNormalization", 0) \
+        == 2 * layers + 1
+    assert "ReduceMean" not in nodes and "Reciprocal" not in nodes
+    data = _data(llama.inputs, 3, 11, seed=2)
+    got = target.load(tmp_path).run(data)["logits"]
+    assert np.abs(got - llama.adapter.named(data)["logits"].numpy()).max() < 1e-4
