@@ -35,6 +35,7 @@ import copy
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -50,6 +51,7 @@ ROWS = ("eager", "plain", "ort_fusions", "compilekit")
 PEERS = ("eager", "plain", "ort_fusions")
 COSINE_MIN = 0.9999
 MARGIN = 1.10
+DISTURBED_CORES = 0.10  # other processes' average CPU use during timing above which the numbers are suspect
 FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention")
 
 _START = time.perf_counter()
@@ -106,6 +108,51 @@ def get_measure_blocks() -> tuple[Callable[..., dict[str, Any]], str]:
     except ImportError:
         return _measure_blocks_fallback, "benchmarks/minilm_fusion.py local measure_blocks (compilekit lacks it)"
     return measure_blocks, "compilekit.verify.latency.measure_blocks"
+
+
+class OtherLoad:
+    """CPU time that other processes used while a block of code ran, in cores on average.
+
+    /proc/stat's busy time over all CPUs minus this process's own CPU time (os.times), divided by wall
+    time. On a 2-core machine a 2-thread eager PyTorch measured ~900 ms instead of ~34 ms while one
+    other process kept one core busy, so any value above ~0.1 means the row's numbers are not to be trusted.
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    @staticmethod
+    def _busy_s() -> float | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> "OtherLoad":
+        t = os.times()
+        self._start = (self._busy_s(), t.user + t.system, time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy0, own0, wall0 = self._start
+        busy1, t, wall1 = self._busy_s(), os.times(), time.perf_counter()
+        if busy0 is not None and busy1 is not None and wall1 > wall0:
+            self.cores = max(0.0, ((busy1 - busy0) - (t.user + t.system - own0)) / (wall1 - wall0))
+
+
+def settle_calls(fns: Mapping[str, Callable[[], object]], at_least: int, settle_ms: float) -> int:
+    """Untimed calls per block so that the fastest fn's settle lasts >= settle_ms (measure_blocks takes a count)."""
+    if settle_ms <= 0:
+        return at_least
+    fastest = float("inf")
+    for fn in fns.values():
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            fastest = min(fastest, time.perf_counter() - t0)
+    return max(at_least, math.ceil(settle_ms / 1000.0 / max(fastest, 1e-6)))
 
 
 # ------------------------------------------------------------------------------------------ builders
@@ -259,7 +306,7 @@ def render_table(title: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def verdict(shape: str, rows: list[dict[str, Any]]) -> tuple[bool, str]:
+def verdict(shape: str, rows: list[dict[str, Any]], other_cores: float | None) -> tuple[bool, str]:
     by = {r["row"]: r for r in rows if r["shape"] == shape}
     ck = by["compilekit"]
     best = min(PEERS, key=lambda n: by[n]["p50_ms"])
@@ -278,7 +325,10 @@ def verdict(shape: str, rows: list[dict[str, Any]]) -> tuple[bool, str]:
     head = (f"VERDICT {shape}: {'PASS' if ok else 'FAIL'} - compilekit p50 {ck['p50_ms']:.2f} ms vs best peer "
             f"{best} {by[best]['p50_ms']:.2f} ms = {ratio:.2f}x (need >= {MARGIN:.2f}x); cosine min over rows "
             f"{min(by[n]['cosine_min'] for n in ROWS):.8f} (need >= {COSINE_MIN})")
-    return ok, head + ("" if ok else " [" + "; ".join(why) + "]")
+    tail = "" if ok else " [" + "; ".join(why) + "]"
+    if other_cores is not None and other_cores > DISTURBED_CORES:
+        tail += f" (DISTURBED: other processes used {other_cores:.2f} cores while timing; rerun)"
+    return ok, head + tail
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -290,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=50, help="timed calls per row and shape")
     ap.add_argument("--warmup", type=int, default=10, help="untimed calls per row and shape before timing")
     ap.add_argument("--block", type=int, default=10, help="consecutive timed calls per row per round")
-    ap.add_argument("--settle", type=int, default=2, help="untimed calls at the start of every block")
+    ap.add_argument("--settle", type=int, default=2, help="untimed calls at the start of every block (at least)")
+    ap.add_argument("--settle-ms", type=float, default=100.0,
+                    help="raise --settle per shape so the untimed calls last at least this long for the fastest "
+                         "row: with spinning on, the previous block's ORT workers keep spinning for ~50 ms and "
+                         "slow the next block's first calls 2-3x (measured at 1x32); 0 turns this off")
     ap.add_argument("--shapes", default="2x128,1x32", help="comma-separated BATCHxSEQ")
     ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "minilm-l6.yaml")
     ap.add_argument("--spinning", choices=("on", "off"), default="off",
@@ -369,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # ---- latency per shape
         rows: list[dict[str, Any]] = []
-        load_before = os.getloadavg()
+        other_load: dict[str, float | None] = {}
+        settles: dict[str, int] = {}
         timing_texts = text_samples("pydoc", max(b for b, _ in shapes), seed=2)
         for b, s in shapes:
             t0 = time.perf_counter()
@@ -392,9 +447,13 @@ def main(argv: list[str] | None = None) -> int:
                    "plain": ort_fn(sessions["plain"], feeds["plain"]),
                    "ort_fusions": ort_fn(sessions["ort_fusions"], feeds["ort_fusions"]),
                    "compilekit": runner.bind(inputs)}
-            stats = measure_blocks(fns, warmup=args.warmup, runs=args.runs, block=args.block, settle=args.settle,
-                                   items_per_run=b)
+            settle = settle_calls(fns, args.settle, args.settle_ms)
+            with OtherLoad() as other:
+                stats = measure_blocks(fns, warmup=args.warmup, runs=args.runs, block=args.block,
+                                       settle=settle, items_per_run=b)
             shape = f"{b}x{s}"
+            other_load[shape] = other.cores
+            settles[shape] = settle
             best_peer = min(stats[n].p50_ms for n in PEERS)
             for n in ROWS:
                 st, acc = stats[n], accuracy[n]
@@ -406,14 +465,13 @@ def main(argv: list[str] | None = None) -> int:
                              "cosine_min": acc.cosine_min, "cosine_mean": acc.cosine_mean, "max_abs": acc.max_abs,
                              "fused_attention": fused.get(n), "fused_attention_ort": fused_ort.get(n)})
             stage_done(f"latency {shape}", t0)
-        load_after = os.getloadavg()
 
     spin = "on" if spinning else "off"
     title = (f"all-MiniLM-L6-v2 fp32, ONNX Runtime {ort.__version__} CPU, {args.threads} threads (torch and "
              f"every ORT row), ORT spinning {spin} for every ORT row\n"
-             f"timing: {method_name}, steady state in alternating blocks of {args.block} "
-             f"(first {args.settle} calls of each block untimed), warmup {args.warmup}, {args.runs} timed "
-             f"calls per row and shape\n"
+             f"timing: {method_name}, steady state in alternating blocks of {args.block} timed calls after "
+             f"untimed settle calls ({', '.join(f'{k}: {v}' for k, v in settles.items())}; >= {args.settle} and "
+             f">= {args.settle_ms:g} ms), warmup {args.warmup}, {args.runs} timed calls per row and shape\n"
              f"accuracy: last_hidden_state vs eager on 64 pydoc sentences (batches of 8, padded to longest, "
              f"max_length 128)\n"
              f"vs best peer = best non-compilekit p50 / this row's p50; fused attn = com.microsoft "
@@ -421,12 +479,18 @@ def main(argv: list[str] | None = None) -> int:
              f"compilekit session: disabled_optimizers={ck_describe.get('disabled_optimizers')}, "
              f"optimization_level={ck_describe.get('optimization_level')}")
     print(render_table(title, rows))
-    verdicts = [verdict(f"{b}x{s}", rows) for b, s in shapes]
+    verdicts = [verdict(f"{b}x{s}", rows, other_load.get(f"{b}x{s}")) for b, s in shapes]
     for _, line in verdicts:
         print(line)
     total = time.perf_counter() - _START
-    print(f"load average (1 min) before / after timing: {load_before[0]:.2f} / {load_after[0]:.2f} on "
-          f"{os.cpu_count()} cores (well above {args.threads} means other processes shared the cores)")
+    for shape, cores in other_load.items():
+        if cores is None:
+            print(f"other processes' CPU during timing {shape}: unknown (no /proc/stat)")
+        elif cores > DISTURBED_CORES:
+            print(f"WARNING {shape}: other processes used {cores:.2f} cores on average while it was timed "
+                  f"({os.cpu_count()} cores here): the numbers are disturbed; rerun on a quiet machine")
+        else:
+            print(f"other processes' CPU during timing {shape}: {cores:.2f} cores on average (quiet)")
     print(f"total runtime {total:.1f} s (stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()) + ")")
 
     if args.json:
@@ -435,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "threads": args.threads, "spinning": spinning, "runs": args.runs, "warmup": args.warmup,
-            "block": args.block, "settle": args.settle, "timing_method": method_name,
+            "block": args.block, "settle": settles, "settle_ms": args.settle_ms, "timing_method": method_name,
             "recipe": str(args.recipe), "compilekit_artifact": artifact.id, "compilekit_runner": ck_describe,
             "compilekit_notes": notes, "ort_fusions_fired": fired,
             "toolchain": {d: version(d) for d in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript",
@@ -443,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
             "rows": rows,
             "verdicts": {f"{b}x{s}": {"passed": ok, "line": line} for (b, s), (ok, line) in zip(shapes, verdicts)},
-            "loadavg_before_after": [load_before[0], load_after[0]], "stages_s": stages, "total_s": round(total, 1),
+            "other_processes_cores_during_timing": other_load, "stages_s": stages, "total_s": round(total, 1),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2, default=float) + "\n")

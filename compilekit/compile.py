@@ -256,7 +256,9 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
             ledger.append(LedgerEntry(f"lower:{target.name}", target.options.model_dump(mode="json"), True,
                                       check_start - lower_start, time.perf_counter() - check_start,
                                       sum(build.info.get("nodes", {}).values()),
-                                      summary=_top_ops(build.info.get("nodes", {})), metrics=lowered))
+                                      summary="; ".join([_top_ops(build.info.get("nodes", {})),
+                                                         *build.info.get("notes", [])]),
+                                      metrics=lowered))
 
         with timer("accuracy", f"{sample_count(batches)} samples"):
             candidate = _run_lowered(runner, batches)

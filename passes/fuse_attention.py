@@ -103,11 +103,11 @@ def _heads(q: torch.fx.Node, k: torch.fx.Node, v: torch.fx.Node) -> tuple[int, i
     return hq, hkv, d
 
 
-def mask_kind(mask: Any, graph: torch.fx.Graph) -> str:
+def mask_kind(mask: Any, graph: torch.fx.Graph, user_input_names: set[str]) -> str:
     """What the mask expresses, from its inputs: a user input (padding) and/or a position comparison (causal)."""
     if mask is None:
         return "none"
-    user_inputs = {n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith(("p_", "b_", "c_"))}
+    user_inputs = {n for n in graph.nodes if n.op == "placeholder" and n.name in user_input_names}
     seen, stack, padding, causal = set(), [mask], False, False
     while stack:
         node = stack.pop()
@@ -261,17 +261,21 @@ class FuseAttentionPass(Pass):
     def call(self, program: Program) -> PassResult:
         gm = program.copy_graph()
         graph = gm.graph
+        user_inputs = set(program.ep.graph_signature.user_inputs)
         fused: list[dict[str, Any]] = []
         unfused: list[dict[str, str]] = []
         forms = Counter()
         for node in list(graph.nodes):
             if node.graph is not graph or node.op != "call_function":
                 continue
-            if node.target is aten.scaled_dot_product_attention.default and self.options.sdpa:
-                form, matcher = "sdpa", _match_sdpa
-            elif node.target in _SOFTMAX and self.options.eager:
-                form, matcher = "eager", _match_eager
+            if node.target is aten.scaled_dot_product_attention.default:
+                form, matcher, enabled = "sdpa", _match_sdpa, self.options.sdpa
+            elif node.target in _SOFTMAX:
+                form, matcher, enabled = "eager", _match_eager, self.options.eager
             else:
+                continue
+            if not enabled:
+                unfused.append({"node": node.name, "form": form, "reason": f"disabled by options ({form}: false)"})
                 continue
             try:
                 m = matcher(node)
@@ -279,9 +283,9 @@ class FuseAttentionPass(Pass):
                 unfused.append({"node": node.name, "form": form, "reason": str(why)})
                 continue
             anchor = m.get("anchor", node)
-            kind = "causal" if m["causal"] else mask_kind(m["mask"], graph)
-            if m["causal"] and m["mask"] is not None:
-                kind = "causal+" + mask_kind(m["mask"], graph)
+            kind = mask_kind(m["mask"], graph, user_inputs)
+            if m["causal"]:
+                kind = "causal" if kind in ("none", "causal", "other") else "causal+" + kind.removeprefix("causal+")
             new = _emit(anchor, m["q"], m["k"], m["v"], m["mask"], m["scale"], m["causal"], m["hq"], m["hkv"])
             _erase_chain(m["chain"])
             forms[form] += 1

@@ -167,9 +167,9 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
 
 # (config, task, inputs) of a tiny random-weight model for each architecture the attention tests cover:
 # 2 layers, hidden 32, vocab 128, intermediate 64; the GQA decoders have 4 query heads over 2 KV heads.
-# Token ids that are out of the tiny vocabulary are set in range (transformers warns about them otherwise).
+# Special token ids that default outside the tiny vocabulary (GPT-2, Phi-3) are set inside it (transformers warns).
 _ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_DECODER_INPUTS = ("input_ids", "attention_mask")
+_IDS_AND_MASK = ("input_ids", "attention_mask")
 _GQA: dict[str, Any] = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                         "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}
 TINY_ARCHS: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
@@ -177,17 +177,17 @@ TINY_ARCHS: dict[str, tuple[dict[str, Any], str, tuple[str, ...]]] = {
     # RoBERTa's positions start at pad_token_id + 1: 64 positions leave room for seq 32 + 2.
     "roberta": ({**TINY_BERT, "model_type": "roberta"}, "feature-extraction", _ENCODER_INPUTS),
     "distilbert": ({"model_type": "distilbert", "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64,
-                    "vocab_size": 128, "max_position_embeddings": 64}, "feature-extraction", _DECODER_INPUTS),
-    "llama": (TINY_LLAMA, "causal-lm", _DECODER_INPUTS),
-    "mistral": ({**_GQA, "model_type": "mistral"}, "causal-lm", _DECODER_INPUTS),
-    "qwen2": ({**_GQA, "model_type": "qwen2"}, "causal-lm", _DECODER_INPUTS),
+                    "vocab_size": 128, "max_position_embeddings": 64}, "feature-extraction", _IDS_AND_MASK),
+    "llama": (TINY_LLAMA, "causal-lm", _IDS_AND_MASK),
+    "mistral": ({**_GQA, "model_type": "mistral"}, "causal-lm", _IDS_AND_MASK),
+    "qwen2": ({**_GQA, "model_type": "qwen2"}, "causal-lm", _IDS_AND_MASK),
     "phi3": ({**_GQA, "model_type": "phi3", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
-             "causal-lm", _DECODER_INPUTS),
+             "causal-lm", _IDS_AND_MASK),
     "gpt2": ({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_inner": 64, "vocab_size": 128,
-              "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0}, "causal-lm", _DECODER_INPUTS),
+              "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0}, "causal-lm", _IDS_AND_MASK),
     "gpt_neox": ({"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                   "intermediate_size": 64, "vocab_size": 128, "max_position_embeddings": 64}, "causal-lm",
-                 _DECODER_INPUTS),
+                 _IDS_AND_MASK),
 }
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -206,3 +206,9 @@ def tiny_arch() -> Callable[[str, str], Tiny]:
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_arch_configs() -> dict[str, tuple[dict[str, Any], str, tuple[str, ...]]]:
+    """A copy of TINY_ARCHS: {arch: (config, task, input names)}."""
+    return copy.deepcopy(TINY_ARCHS)

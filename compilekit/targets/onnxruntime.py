@@ -97,9 +97,12 @@ class OnnxRuntimeTarget(Target):
         files = lower_to_onnx(program, path, opset=self.options.opset, flavor=self.flavor,
                               external_data=self.options.external_data)
         fusions: dict[str, int] = {}
+        notes: list[str] = []
         if self.options.ort_fusions or self.options.skip_layer_norm == "split":
             log("ONNX-level fusions for ONNX Runtime")
-            fusions = _fuse_for_ort(path, files, self.options)
+            fusions, dropped = self._fuse_or_keep(path, files)
+            if dropped:
+                notes.append(f"ONNX-level fusions dropped, plain ONNX kept: {dropped}")
         log(f"wrote {', '.join(f.name for f in files)}; building an ONNX Runtime session")
         # Building a session proves ORT accepts the graph at the chosen optimization level.
         runner = self.load(out_dir)
@@ -108,7 +111,28 @@ class OnnxRuntimeTarget(Target):
                                 f"{[t.name for t in program.inputs]}")
         return BuildResult([f.relative_to(out_dir).as_posix() for f in files],
                            {"session_seconds": round(runner.session_seconds, 3), "nodes": _count_nodes(path),
-                            "ort_fusions": fusions})
+                            "ort_fusions": fusions, "notes": notes})
+
+    def _fuse_or_keep(self, path: Path, files: list[Path]) -> tuple[dict[str, int], str | None]:
+        """Apply the ONNX-level fusions into a side directory and keep them only if ONNX Runtime loads the
+        result. onnxscript's fusions can produce graphs ORT rejects (GPT-2's attention output projection:
+        "Gemm input 0 expected to have rank 2 but has rank 3"); the plain graph is then the right build."""
+        import shutil
+
+        side = path.parent / ".ort-fusions"
+        side.mkdir()
+        try:
+            try:
+                counts, fused = _fuse_for_ort(path, files, self.options, side / path.name)
+                OnnxRuntimeRunner(side / path.name, self.options, threads=1)
+            except Exception as exc:  # any failure of the optional step falls back to the checked plain ONNX
+                text = str(exc).strip().splitlines()
+                return {}, f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+            for src in fused:
+                os.replace(src, path.parent / src.name)
+            return counts, None
+        finally:
+            shutil.rmtree(side, ignore_errors=True)
 
     def load(self, out_dir: Path, *, threads: int | None = None) -> OnnxRuntimeRunner:
         path = out_dir / MODEL_FILE
@@ -123,8 +147,10 @@ class OnnxRuntimeTarget(Target):
                 "onnxruntime": ort.__version__, "options": self.options.model_dump(mode="json")}
 
 
-def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions) -> dict[str, int]:
-    """ONNX-level rewrites for ONNX Runtime, in place on `path`. Returns the fusions that fired."""
+def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
+                  out: Path) -> tuple[dict[str, int], list[Path]]:
+    """ONNX-level rewrites for ONNX Runtime of `path`, written to `out` (and its external data file).
+    Returns the fusions that fired and the files written."""
     import onnx_ir as ir
 
     model = ir.load(str(path))
@@ -145,23 +171,22 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions) ->
     for value in (*model.graph.inputs, *model.graph.outputs):
         if value.name in signature:
             value.shape = signature[value.name]
-    external = len(files) > 1
-    if external:
-        ir.save(model, str(path), external_data=files[1].name)
+    written = [out]
+    if len(files) > 1:
+        ir.save(model, str(out), external_data=files[1].name)
+        written.append(out.parent / files[1].name)
     else:
-        ir.save(model, str(path))
+        ir.save(model, str(out))
     import onnx
 
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(str(out))
     except onnx.checker.ValidationError as exc:
         # ORT registers a few of its own ops in the default ONNX domain (onnxscript emits them there);
         # onnx.checker does not know them. ORT's own load, right after this, checks those nodes.
-        if any(f"No Op registered for {name}" in str(exc) for name in _ORT_DEFAULT_DOMAIN_OPS):
-            return counts
-        raise LoweringError(f"the ONNX model fails onnx.checker after the ONNX Runtime fusions: {exc}",
-                            hint="set target.options.ort_fusions: false to lower without them") from None
-    return counts
+        if not any(f"No Op registered for {name}" in str(exc) for name in _ORT_DEFAULT_DOMAIN_OPS):
+            raise LoweringError(f"the ONNX model fails onnx.checker after the ONNX Runtime fusions: {exc}") from None
+    return counts, written
 
 
 _ORT_DEFAULT_DOMAIN_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
