@@ -4,7 +4,8 @@ No-op rules, each `x -> x`, for ops whose result is provably its input:
 - `dropout`: in eval mode (`train=False`) or with `p == 0`;
 - identity views and copies (`view`, `reshape`, `expand`, `clone`, `alias`, `contiguous`, `detach`,
   `to` / `_to_copy`, full `slice`): when the result has the input's shape, dtype and device;
-- `x + 0`, `x - 0`, `x * 1`, `x / 1` with a Python scalar, when the result keeps x's dtype.
+- `x + 0`, `x - 0`, `x * 1`, `x / 1` with a Python scalar, when the result keeps x's dtype;
+- `_assert_tensor_metadata` checks that hold by the traced metadata (same dtype, device, layout).
 
 Dropping a copy is only sound when nothing writes in place, so every rule steps aside on a graph with
 in-place ops. Graph outputs are left alone, because the program's signature names them. Then every
@@ -115,7 +116,28 @@ def _bypass(node: torch.fx.Node) -> bool:
     return True
 
 
+def _check_assert(node: torch.fx.Node) -> str | None:
+    val = _val(node.args[0]) if node.args else None
+    if not isinstance(val, torch.Tensor):
+        return "no metadata on the checked tensor"
+    dtype, device, layout = (node.kwargs.get(k) for k in ("dtype", "device", "layout"))
+    if dtype is not None and val.dtype != dtype:
+        return "asserted dtype differs from the traced one"
+    if device is not None and val.device != torch.device(device):
+        return "asserted device differs from the traced one"
+    if layout is not None and val.layout != layout:
+        return "asserted layout differs from the traced one"
+    return None
+
+
+def _erase(node: torch.fx.Node) -> bool:
+    node.graph.erase_node(node)
+    return True
+
+
 RULES = (
+    # The exporter records `.to(dtype)` calls as runtime asserts; with the traced dtype equal they cannot fail.
+    NodeRule("metadata-assert", frozenset({aten._assert_tensor_metadata.default}), _check_assert, _erase),
     NodeRule("dropout", frozenset({aten.dropout.default, aten.native_dropout.default}), _check_dropout, _bypass),
     NodeRule("identity", _SAME_SHAPE_OPS, _check_same, _bypass),
     NodeRule("arith-identity", frozenset(_ARITH), _check_arith, _bypass),

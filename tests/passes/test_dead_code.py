@@ -202,3 +202,21 @@ def test_dtype_promotion_is_not_an_identity(export_module):
     x = torch.arange(-8, 8).reshape(2, 8)
     out = result.program.run({"x": x})["output"]
     assert out.dtype == torch.float32 and torch.equal(out, (x + 1) / 1 + x / 1)
+
+
+def test_metadata_asserts_that_hold_are_removed(llama):
+    before = op_histogram(llama.program.graph).get("aten._assert_tensor_metadata", 0)
+    assert before > 0  # the exporter records .to(dtype) calls as asserts
+    result = DeadCodePass()(llama.program)
+    assert "aten._assert_tensor_metadata" not in op_histogram(result.program.graph)
+    assert result.stats["noop_removed"]["metadata-assert"] == before
+
+
+def test_metadata_assert_that_could_fail_is_kept(llama):
+    gm = llama.program.copy_graph()
+    node = next(n for n in gm.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default)
+    node.kwargs = {**node.kwargs, "dtype": torch.float16}  # no longer what the traced tensor is
+    program = llama.program.with_graph(gm)
+    result = DeadCodePass()(program)
+    assert op_histogram(result.program.graph)["aten._assert_tensor_metadata"] == 1
+    assert result.stats["skipped"]["metadata-assert"] == {"asserted dtype differs from the traced one": 1}
