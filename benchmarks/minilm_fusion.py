@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                          "row: with spinning on, the previous block's ORT workers keep spinning for ~50 ms and "
                          "slow the next block's first calls 2-3x (measured at 1x32); 0 turns this off")
     ap.add_argument("--shapes", default="2x128,1x32", help="comma-separated BATCHxSEQ")
-    ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "minilm-l6.yaml")
+    ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "minilm-l6.yaml",
+                    help="compilekit recipe for the compilekit row (compiled into a temporary registry)")
     ap.add_argument("--spinning", choices=("on", "off"), default="off",
                     help="session.intra_op.allow_spinning for all three ORT rows")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
