@@ -363,7 +363,7 @@ def _measure_latency(loaded: LoadedRecipe, model: LoadedModel, adapter: ExportAd
     latency = {
         "passed": all(g["passed"] for g in gates), "enabled": True,
         "shape": sizes, "threads": threads, "runs": spec.runs, "warmup": spec.warmup,
-        "method": (f"alternating blocks of {spec.block} runs ({spec.settle} untimed per block)"
+        "method": (f"alternating blocks of {spec.block} runs (untimed before each: {spec.settle} runs and >= 0.1 s)"
                    if spec.method == "blocks" else "interleaved run by run")
                   + "; eager and compiled in one process; ORT thread spinning " + ("on" if spinning else "off"),
         "p50_ms": round(c.p50_ms, 4), "p90_ms": round(c.p90_ms, 4), "p99_ms": round(c.p99_ms, 4),

@@ -218,7 +218,7 @@ class LatencySpec(_Model):
     warmup: int = Field(5, ge=0, description="Untimed runs of each before timing.")
     runs: int = Field(30, ge=1, description="Timed runs of each.")
     block: int = Field(10, ge=1, description="blocks: consecutive runs of one candidate per block.")
-    settle: int = Field(2, ge=0, description="blocks: untimed runs at the start of each block.")
+    settle: int = Field(2, ge=0, description="blocks: untimed runs at the start of each block (and at least 0.1 s).")
     threads: int | None = Field(None, ge=1, description="Threads for both eager and compiled (default: all cores).")
     shape: dict[str, int] = Field(default_factory=dict, description="Sizes for dims (default: opt).")
     budget: LatencyBudget = Field(default_factory=LatencyBudget, description="Latency gates (none by default).")

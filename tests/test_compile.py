@@ -154,5 +154,5 @@ def test_interleaved_timing_with_spinning_threads_is_refused(tiny_recipe, regist
 def test_latency_method_is_stated_in_the_manifest(tiny_recipe, registry_dir):
     result = compile_recipe(load_recipe(tiny_recipe({"verify": {"latency": {"block": 2, "settle": 1}}})),
                             registry=registry_dir)
-    assert result.manifest["latency"]["method"].startswith("alternating blocks of 2 runs (1 untimed per block)")
+    assert result.manifest["latency"]["method"].startswith("alternating blocks of 2 runs (untimed before each: 1 runs")
     assert result.manifest["latency"]["method"].endswith("ORT thread spinning off")

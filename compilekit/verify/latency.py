@@ -107,6 +107,7 @@ def measure_blocks(
     runs: int,
     block: int = 10,
     settle: int = 2,
+    settle_seconds: float = 0.1,
     items_per_run: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, LatencyStats]:
@@ -139,8 +140,10 @@ def measure_blocks(
         take = min(block, runs - len(times[order[0]]))
         for name in reversed(order) if round_index % 2 else order:
             fn = fns[name]
-            for _ in range(settle):
+            settle_start, settled = time.perf_counter(), 0
+            while settled < settle or time.perf_counter() - settle_start < settle_seconds:
                 fn()
+                settled += 1
             for _ in range(take):
                 t0 = time.perf_counter()
                 fn()

@@ -76,7 +76,7 @@ def test_measure_blocks_times_steady_state_blocks_in_alternating_order():
 
     calls: list[str] = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    stats = measure_blocks(fns, warmup=1, runs=5, block=3, settle=1, items_per_run=2)
+    stats = measure_blocks(fns, warmup=1, runs=5, block=3, settle=1, settle_seconds=0.0, items_per_run=2)
     assert stats["a"].runs == 5 and stats["b"].runs == 5
     # warm-up a, b; round 0: a x (1 settle + 3), b x (1 + 3); round 1 reversed: b x (1 + 2), a x (1 + 2)
     assert "".join(calls) == "ab" + "aaaa" + "bbbb" + "bbb" + "aaa"
@@ -89,3 +89,12 @@ def test_measure_blocks_rejects_bad_counts():
         measure_blocks({"a": lambda: None}, warmup=0, runs=3, block=0, settle=0, items_per_run=1)
     with pytest.raises(VerificationError):
         measure_blocks({}, warmup=0, runs=3, block=2, settle=0, items_per_run=1)
+
+
+def test_measure_blocks_settles_for_a_minimum_time():
+    from compilekit.verify.latency import measure_blocks
+
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a")}
+    measure_blocks(fns, warmup=0, runs=2, block=2, settle=1, settle_seconds=0.02, items_per_run=1)
+    assert len(calls) > 2 + 1  # fast calls keep settling until 20 ms have passed
