@@ -46,6 +46,10 @@ def _load_conftest():
     return module
 
 
+def _short_text(text: str, limit: int = 110) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _short(exc: BaseException, width: int = 72) -> str:
     """The error's type and the end of its first line (where ONNX / ORT put the cause), without paths."""
     line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -92,7 +96,9 @@ def measure(conftest, arch: str, impl: str, batch: int, seq: int, work: Path) ->
     try:
         build, got = _lower_and_run(result.program, out_dir, data)
         nodes = build.info["nodes"]
-        row.update({k: nodes.get(op, 0) for k, op in CONTRIB.items()}, fallback=False, note="")
+        notes = build.info.get("notes", [])
+        row.update({k: nodes.get(op, 0) for k, op in CONTRIB.items()}, fallback=False,
+                   note=_short_text("; ".join(notes)) if notes else "")
     except CompilekitError as exc:
         row.update({k: f"{n}†" for k, n in _fusions_only(result.program, work / f"{arch}-{impl}-fusions.onnx").items()},
                    note=f"target failed: {_short(exc)}")

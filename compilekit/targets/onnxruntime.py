@@ -126,8 +126,9 @@ class OnnxRuntimeTarget(Target):
                 counts, fused = _fuse_for_ort(path, files, self.options, side / path.name)
                 OnnxRuntimeRunner(side / path.name, self.options, threads=1)
             except Exception as exc:  # any failure of the optional step falls back to the checked plain ONNX
-                text = str(exc).strip().splitlines()
-                return {}, f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+                text = str(exc).replace(f"ONNX Runtime cannot load {side / path.name}: ", "ORT refused it: ")
+                text = text.replace(str(side / path.name), "the fused model").strip().splitlines()
+                return {}, text[0][:300] if text else type(exc).__name__
             for src in fused:
                 os.replace(src, path.parent / src.name)
             return counts, None
