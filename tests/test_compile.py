@@ -156,3 +156,22 @@ def test_latency_method_is_stated_in_the_manifest(tiny_recipe, registry_dir):
                             registry=registry_dir)
     assert result.manifest["latency"]["method"].startswith("alternating blocks of 2 runs (untimed before each: 1 runs")
     assert result.manifest["latency"]["method"].endswith("ORT thread spinning off")
+
+
+def test_gpt2_compiles_when_ort_fusions_break_its_graph(tiny_recipe, registry_dir):
+    """onnxscript's fusions give GPT-2 a graph ORT loads but cannot run at every size (a 3-D input into a 2-D
+    Gemm); the target must notice before storing and keep the plain ONNX."""
+    recipe = tiny_recipe({
+        "model": {"task": "causal-lm", "attn_implementation": "eager",
+                  "config": {"model_type": "gpt2", "vocab_size": 128, "n_embd": 32, "n_layer": 2, "n_head": 2,
+                             "bos_token_id": 0, "eos_token_id": 0}},
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+                   {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "seq"]}],
+        "passes": ["cleanup.dead_code", "fuse.norm", "fuse.attention"],
+        "verify": {"data": {"shape": {"seq": 24}}},
+    })
+    result = compile_recipe(load_recipe(recipe), registry=registry_dir)
+    assert result.passed
+    lower = result.manifest["passes"][-1]
+    assert "ONNX-level fusions dropped, plain ONNX kept" in lower["summary"]
+    assert result.manifest["passes"][3]["stats"]["fused"] == 2

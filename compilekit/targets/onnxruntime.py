@@ -100,7 +100,7 @@ class OnnxRuntimeTarget(Target):
         notes: list[str] = []
         if self.options.ort_fusions or self.options.skip_layer_norm == "split":
             log("ONNX-level fusions for ONNX Runtime")
-            fusions, dropped = self._fuse_or_keep(path, files)
+            fusions, dropped = self._fuse_or_keep(path, files, program)
             if dropped:
                 notes.append(f"ONNX-level fusions dropped, plain ONNX kept: {dropped}")
         log(f"wrote {', '.join(f.name for f in files)}; building an ONNX Runtime session")
@@ -113,10 +113,11 @@ class OnnxRuntimeTarget(Target):
                            {"session_seconds": round(runner.session_seconds, 3), "nodes": _count_nodes(path),
                             "ort_fusions": fusions, "notes": notes})
 
-    def _fuse_or_keep(self, path: Path, files: list[Path]) -> tuple[dict[str, int], str | None]:
-        """Apply the ONNX-level fusions into a side directory and keep them only if ONNX Runtime loads the
-        result. onnxscript's fusions can produce graphs ORT rejects (GPT-2's attention output projection:
-        "Gemm input 0 expected to have rank 2 but has rank 3"); the plain graph is then the right build."""
+    def _fuse_or_keep(self, path: Path, files: list[Path], program: Program) -> tuple[dict[str, int], str | None]:
+        """Apply the ONNX-level fusions into a side directory and keep them only if ONNX Runtime loads and runs
+        the result and it matches the plain ONNX at two input sizes. onnxscript's fusions can produce graphs
+        ORT rejects or cannot run (GPT-2's attention output projection: "Gemm input 0 expected to have rank
+        2 but has rank 3"); the plain graph is then the right build."""
         import shutil
 
         side = path.parent / ".ort-fusions"
@@ -124,7 +125,8 @@ class OnnxRuntimeTarget(Target):
         try:
             try:
                 counts, fused = _fuse_for_ort(path, files, self.options, side / path.name)
-                OnnxRuntimeRunner(side / path.name, self.options, threads=1)
+                _same_outputs(OnnxRuntimeRunner(path, self.options, threads=1),
+                              OnnxRuntimeRunner(side / path.name, self.options, threads=1), program)
             except Exception as exc:  # any failure of the optional step falls back to the checked plain ONNX
                 text = str(exc).replace(f"ONNX Runtime cannot load {side / path.name}: ", "ORT refused it: ")
                 text = text.replace(str(side / path.name), "the fused model").strip().splitlines()
@@ -146,6 +148,27 @@ class OnnxRuntimeTarget(Target):
 
         return {"backend": self.name, "flavor": self.flavor, "opset": self.options.opset,
                 "onnxruntime": ort.__version__, "options": self.options.model_dump(mode="json")}
+
+
+def _same_outputs(plain: OnnxRuntimeRunner, fused: OnnxRuntimeRunner, program: Program) -> None:
+    """Run both at two small input sizes (token ids 0/1, valid for any vocabulary); raise if they differ."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ..inputs import make_inputs
+
+    specs = [SimpleNamespace(name=t.name, dtype=t.dtype, shape=t.shape, fill=None, high=2) for t in program.inputs]
+    gen = torch.Generator().manual_seed(0)
+    for bump in (0, 3):
+        sizes = {d.name: max(d.min, min(d.max, max(2, min(d.opt, 8)) + bump)) for d in program.dims}
+        feed = make_inputs(specs, sizes, vocab_size=2, generator=gen)
+        want, got = plain.run(feed), fused.run(feed)
+        for name, ref in want.items():
+            err = float(np.abs(got[name].astype(np.float64) - ref).max()) if ref.size else 0.0
+            bound = 1e-3 * (1.0 + float(np.abs(ref).max()) if ref.size else 1.0)
+            if not err <= bound:
+                raise LoweringError(f"the fused model's {name} differs from the plain ONNX by {err:.3g} at {sizes}")
 
 
 def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
