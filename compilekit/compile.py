@@ -12,9 +12,8 @@ import datetime as _dt
 import inspect
 import os
 import platform
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
