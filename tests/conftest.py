@@ -212,3 +212,22 @@ def tiny_arch() -> Callable[[str, str], Tiny]:
 def tiny_arch_configs() -> dict[str, tuple[dict[str, Any], str, tuple[str, ...]]]:
     """A copy of TINY_ARCHS: {arch: (config, task, input names)}."""
     return copy.deepcopy(TINY_ARCHS)
+
+
+@pytest.fixture(scope="session")
+def fused_arch(tiny_arch):
+    """`fused_arch(arch, impl) -> (Tiny, program after cleanup.dead_code, PassResult of fuse.attention)`,
+    cached for the session (programs are immutable)."""
+    from compilekit.passes.dead_code import DeadCodePass
+    from compilekit.passes.fuse_attention import FuseAttentionPass
+
+    cache: dict[tuple[str, str], tuple] = {}
+
+    def get(arch: str, impl: str):
+        if (arch, impl) not in cache:
+            tiny = tiny_arch(arch, impl)
+            cleaned = DeadCodePass()(tiny.program).program
+            cache[(arch, impl)] = (tiny, cleaned, FuseAttentionPass()(cleaned))
+        return cache[(arch, impl)]
+
+    return get

@@ -20,7 +20,7 @@ EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """torch.onnx prints progress on stdout, which would corrupt `--json` output; send it to stderr and
     drop its warnings about optional torchvision ops."""
     onnx_logger = logging.getLogger("torch.onnx")
@@ -55,7 +55,7 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
         # fusions already turn into the fastest form (ops.register_decomposition).
         ep = ep.run_decompositions(wanted)
     try:
-        with _quiet_exporter():
+        with quiet_exporter():
             onnx_program = torch.onnx.export(
                 ep, (), dynamo=True, opset_version=opset,
                 input_names=[t.name for t in program.inputs], output_names=[t.name for t in program.outputs],
@@ -77,7 +77,7 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
     _trim_unused_outputs(onnx_program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
-    with _quiet_exporter():
+    with quiet_exporter():
         if external_data:
             onnx_program.save(str(path), external_data=True)
         else:

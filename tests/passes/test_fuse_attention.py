@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from compilekit.export import ExportAdapter, export_program
 from compilekit.inputs import make_inputs
 from compilekit.ir import op_histogram
-from compilekit.passes.dead_code import DeadCodePass
 from compilekit.passes.fuse_attention import FuseAttentionPass
 from compilekit.pipeline import get_pass
 from compilekit.recipe import DimSpec, InputSpec
@@ -46,18 +45,9 @@ def _attention_nodes(program) -> list[torch.fx.Node]:
 
 
 @pytest.fixture(scope="module")
-def fused(tiny_arch):
-    """`fused(arch, impl) -> (Tiny, program after dead_code, PassResult of fuse.attention)`, cached per module."""
-    cache = {}
-
-    def get(arch: str, impl: str):
-        if (arch, impl) not in cache:
-            tiny = tiny_arch(arch, impl)
-            cleaned = DeadCodePass()(tiny.program).program
-            cache[(arch, impl)] = (tiny, cleaned, FuseAttentionPass()(cleaned))
-        return cache[(arch, impl)]
-
-    return get
+def fused(fused_arch):
+    """`fused(arch, impl) -> (Tiny, program after dead_code, PassResult of fuse.attention)`."""
+    return fused_arch
 
 
 def _expected(config) -> dict[str, int]:

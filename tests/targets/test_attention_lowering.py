@@ -12,8 +12,6 @@ import pytest
 import torch
 
 from compilekit.inputs import make_inputs
-from compilekit.passes.dead_code import DeadCodePass
-from compilekit.passes.fuse_attention import FuseAttentionPass
 from compilekit.targets.onnx import lower_to_onnx
 from compilekit.targets.onnxruntime import MODEL_FILE, OnnxRuntimeTarget
 
@@ -29,17 +27,13 @@ CONTRIB_ATTENTION = ("com.microsoft::Attention", "com.microsoft::MultiHeadAttent
 
 
 @pytest.fixture(scope="module")
-def fused(tiny_arch):
+def fused(fused_arch):
     """`fused(arch, impl) -> (Tiny, fused Program)`: dead_code then fuse.attention, every block fused."""
-    cache = {}
 
     def get(arch: str, impl: str):
-        if (arch, impl) not in cache:
-            tiny = tiny_arch(arch, impl)
-            result = FuseAttentionPass()(DeadCodePass()(tiny.program).program)
-            assert result.stats["fused"] == LAYERS and result.stats["unfused"] == 0, result.summary
-            cache[(arch, impl)] = (tiny, result.program)
-        return cache[(arch, impl)]
+        tiny, _, result = fused_arch(arch, impl)
+        assert result.stats["fused"] == LAYERS and result.stats["unfused"] == 0, result.summary
+        return tiny, result.program
 
     return get
 
