@@ -264,7 +264,7 @@ class FuseAttentionPass(Pass):
             anchor = m.get("anchor", node)
             kind = mask_kind(m["mask"], graph, user_inputs)
             if m["causal"]:
-                kind = "causal" if kind in ("none", "causal", "other") else "causal+" + kind.removeprefix("causal+")
+                kind = "causal" if kind in ("none", "causal") else "causal+" + kind.removeprefix("causal+")
             new = replace_with_call(anchor, ATTENTION, (m["q"], m["k"], m["v"], m["mask"], float(m["scale"]),
                                                         bool(m["causal"]), m["hq"], m["hkv"], 0.0), chain=m["chain"])
             forms[form] += 1
