@@ -177,6 +177,20 @@ def apply_node_rules(graph: torch.fx.Graph, rules: Iterable[NodeRule]) -> RuleSt
     return stats
 
 
+class NoMatch(Exception):
+    """Raised by a pattern matcher with the reason its rule does not apply (reported in the pass's stats)."""
+
+
+def node_value(node: Any) -> Any:
+    """The traced (fake) value of an FX node, or None for non-nodes and nodes without metadata."""
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def python_scalar(value: Any) -> float | None:
+    """`value` as a float if it is a Python int/float constant (not a bool), else None."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 _KEPT_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
 

@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 
 from compilekit.ir import Program
+from compilekit.pipeline import node_value as _val
 from compilekit.pipeline import NodeRule, Pass, PassOptions, PassResult, apply_node_rules, register_pass
 
 aten = torch.ops.aten
@@ -30,10 +31,6 @@ _SAME_SHAPE_OPS = frozenset({
     aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.slice.Tensor,
 })
 _ARITH = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, aten.div.Tensor: 1}
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 def _same_dims(a, b) -> bool:

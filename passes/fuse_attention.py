@@ -23,7 +23,8 @@ from pydantic import Field
 
 import compilekit.ops  # noqa: F401  (declares torch.ops.compilekit.attention)
 from compilekit.ir import Program
-from compilekit.pipeline import Pass, PassOptions, PassResult, register_pass, replace_with_call
+from compilekit.pipeline import NoMatch, Pass, PassOptions, PassResult, python_scalar, register_pass, replace_with_call
+from compilekit.pipeline import node_value as _val
 
 aten = torch.ops.aten
 ATTENTION = torch.ops.compilekit.attention.default
@@ -32,14 +33,6 @@ _SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 _RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 _CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
 _COMPARE = {aten.le.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor}
-
-
-class NoMatch(Exception):
-    """Raised inside a matcher with the reason the rule does not apply."""
-
-
-def _val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
 def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -147,8 +140,8 @@ def _match_sdpa(node: torch.fx.Node) -> dict[str, Any]:
 
 
 def _scalar(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if python_scalar(value) is not None:
+        return python_scalar(value)
     if isinstance(value, torch.fx.Node) and value.target is aten.full.default and list(value.args[0]) == []:
         return float(value.args[1])  # GPT-2 divides by torch.full([], sqrt(head_dim))
     return None

@@ -24,7 +24,9 @@ import torch
 from pydantic import Field
 
 from compilekit.ir import Program
-from compilekit.pipeline import Pass, PassOptions, PassResult, register_pass, replace_with_call
+from compilekit.pipeline import NoMatch, Pass, PassOptions, PassResult, register_pass, replace_with_call
+from compilekit.pipeline import node_value as _val
+from compilekit.pipeline import python_scalar as _scalar
 
 aten = torch.ops.aten
 
@@ -32,20 +34,8 @@ _CASTS = {aten.to.dtype, aten._to_copy.default}
 _NORMS = {aten.layer_norm.default, aten.rms_norm.default}
 
 
-class NoMatch(Exception):
-    """The node starts the rule's pattern, but the rest does not match: reported as a miss."""
-
-
 class NotCandidate(Exception):
     """The node is not the start of the pattern at all (e.g. the pooler's tanh): not reported."""
-
-
-def _val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-
-
-def _scalar(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _single_user(node: torch.fx.Node, what: str) -> torch.fx.Node:
