@@ -144,17 +144,16 @@ register_translation("tensorrt", torch.ops.compilekit.attention.default)(_attent
 
 
 def _rms_norm_ort(x, normalized_shape, weight=None, eps: float | None = None):
-    """onnxruntime flavor of `aten.rms_norm` over the last dim: the decomposed form with `axes=[-1]` that
-    onnxscript's ort_fusions turn into ORT's SimplifiedLayerNormalization (the exporter's own translation
-    uses a positive axis, which that fusion does not match)."""
+    """onnxruntime flavor of `aten.rms_norm`: the decomposed form over negative axes (`[-1]` for the usual
+    last-dim norm) that onnxscript's ort_fusions turn into ORT's SimplifiedLayerNormalization (the exporter's
+    own translation uses positive axes, which that fusion does not match)."""
     from onnxscript import opset18 as op
 
-    if len(normalized_shape) != 1:
-        raise NotImplementedError("rms_norm over more than the last dim")
+    axes = list(range(-len(normalized_shape), 0))
     if eps is None:
         eps = float(torch.finfo(torch.float32).eps)
     two = op.CastLike(op.Constant(value_float=2.0), x)
-    mean_square = op.ReduceMean(op.Pow(x, two), op.Constant(value_ints=[-1]), keepdims=1, noop_with_empty_axes=0)
+    mean_square = op.ReduceMean(op.Pow(x, two), op.Constant(value_ints=axes), keepdims=1, noop_with_empty_axes=0)
     rms = op.Sqrt(op.Add(mean_square, op.CastLike(op.Constant(value_float=eps), x)))
     normalized = op.Mul(x, op.Reciprocal(rms))
     return normalized if weight is None else op.Mul(weight, normalized)

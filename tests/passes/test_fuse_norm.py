@@ -109,3 +109,29 @@ def test_rms_norm_lowers_to_simplified_layer_norm_on_ort(llama, tmp_path):
     data = _data(llama.inputs, 3, 11, seed=2)
     got = target.load(tmp_path).run(data)["logits"]
     assert np.abs(got - llama.adapter.named(data)["logits"].numpy()).max() < 1e-4
+
+
+class _RmsOverTwoDims(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm([2, 4], eps=1e-5)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.norm(x.reshape(x.shape[0], 2, 4))
+
+
+def test_rms_norm_over_several_dims_lowers_on_ort(export_module, tmp_path):
+    import numpy as np
+
+    from compilekit.targets.onnxruntime import OnnxRuntimeTarget
+
+    module = _RmsOverTwoDims()
+    program = export_module(module)
+    assert "aten.rms_norm" in op_histogram(program.graph)
+    target = OnnxRuntimeTarget({"threads": 1})
+    target.lower(program, tmp_path)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    got = target.load(tmp_path).run({"x": x})["output"]
+    assert np.abs(got - module(x).detach().numpy()).max() < 1e-5
