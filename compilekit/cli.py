@@ -280,6 +280,59 @@ def artifacts_show(ref: str, registry: Path | None) -> None:
     _run(go)
 
 
+@cli.command()
+@click.argument("artifact")
+@click.option("--prompt", required=True, help="The user message (wrapped in the chat template unless --raw).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1), help="Tokens to generate at most.")
+@click.option("--greedy", "mode", flag_value="greedy", default=True, help="Pick the most likely token (default).")
+@click.option("--sample", "mode", flag_value="sample", help="Sample with --temperature and --top-p.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Sampling temperature (implies --sample).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus mass (implies --sample).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--raw", is_flag=True, help="Feed the prompt as plain text, without the chat template.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Intra-op threads (default: all cores).")
+@click.option("--registry", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Artifact store (default: ./artifacts or $COMPILEKIT_REGISTRY).")
+def generate(artifact: str, prompt: str, max_new_tokens: int, mode: str, temperature: float | None,
+             top_p: float | None, seed: int, raw: bool, threads: int | None, registry: Path | None) -> None:
+    """Generate text with a compiled text-generation ARTIFACT (id, prefix or name[:version]); tokens stream to
+    stdout, timings go to stderr."""
+    def go() -> None:
+        import torch
+
+        from .errors import ArtifactError
+        from .generation import load_generator, prompt_ids
+
+        _quiet_dependencies()
+        gen = load_generator(artifact, registry=registry, threads=threads)
+        if gen.tokenizer is None:
+            raise ArtifactError("this artifact carries no tokenizer, so it cannot take a text prompt",
+                                hint="compile it from a model with a tokenizer")
+        ids = prompt_ids(gen.tokenizer, prompt, chat=not raw)
+        sample = mode == "sample" or temperature is not None or top_p is not None
+        produced: list[int] = []
+        shown = ""
+
+        def stream(token) -> None:
+            nonlocal shown
+            produced.append(int(token[0]))
+            text = gen.tokenizer.decode(produced, skip_special_tokens=True)
+            if text.startswith(shown):  # print only what is new; a multi-byte piece may complete later
+                click.echo(text[len(shown):], nl=False)
+                shown = text
+
+        result = gen.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, greedy=not sample,
+                              temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, on_token=stream)
+        click.echo("")
+        lay = gen.layout
+        err.print(f"[dim]{len(ids)} prompt tokens, {result.tokens.shape[1]} new; prefill {result.prefill_s * 1e3:.1f} ms, "
+                  f"time to first token {result.ttft_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:.1f} tok/s; "
+                  f"KV cache {result.kv_cache_bytes / 2**20:.2f} MiB ({lay.cache}, {lay.layout}, {lay.dtype})[/dim]")
+
+    _run(go)
+
+
 def main() -> None:
     cli(prog_name="compilekit")
 

@@ -25,6 +25,7 @@ from .artifact import Artifact
 from .errors import CompilekitError, GateFailure, LoweringError, VerificationError
 from .export import ExportAdapter, discover_outputs, export_program
 from .ir import Program
+from .kvcache import KVLayout
 from .pipeline import LedgerEntry, PassManager, build_passes
 from .recipe import LoadedRecipe
 from .registry import LocalStore, default_store_path
@@ -109,11 +110,11 @@ def _checking_batches(loaded: LoadedRecipe, model: LoadedModel) -> list[Batch]:
                           vocab_size=model.vocab_size, seed=data.seed)
 
 
-def _run_lowered(runner, batches: Sequence[Batch]) -> list[dict[str, Any]]:
+def _run_lowered(runner, batches: Sequence[Batch], kv: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     out = []
     for batch in batches:
         try:
-            out.append(runner.run(batch))
+            out.append(canonical_outputs(kv, runner.run(feeds_for(kv, batch)), batch))
         except Exception as exc:  # ORT's own error types: the lowered model fails where the program ran
             shapes = {k: tuple(v.shape) for k, v in batch.items()}
             raise LoweringError(f"the lowered model fails at run time on inputs {shapes}: {type(exc).__name__}: "
@@ -174,6 +175,8 @@ def prepare(loaded: LoadedRecipe, reporter: Reporter, timer: _Timer):
     target = build_target(recipe.target, loaded)
     with timer("load", _model_label(recipe.model)):
         model = load_model(recipe.model)
+    if recipe.model.task == "text-generation":
+        return _prepare_decoder(loaded, passes, target, model, timer)
     adapter = ExportAdapter(model.module, [i.name for i in recipe.inputs])
     for name in adapter.unknown_inputs():
         index = [i.name for i in recipe.inputs].index(name)
@@ -190,6 +193,44 @@ def prepare(loaded: LoadedRecipe, reporter: Reporter, timer: _Timer):
         program = export_program(adapter, recipe.inputs, recipe.dims, vocab_size=model.vocab_size,
                                  seed=recipe.verify.data.seed)
     return passes, target, model, adapter, batches, reference, program
+
+
+def _prepare_decoder(loaded: LoadedRecipe, passes, target, model: LoadedModel, timer: _Timer):
+    """text-generation: export the decoder with its KV cache as explicit inputs and outputs (canonical
+    layout), and check it on prefill and decode steps over a real cache."""
+    from dataclasses import replace
+
+    from .export import DecoderAdapter, probe_kv_layout
+    from .verify.llm import decoder_batches
+
+    recipe = loaded.recipe
+    with _eager_errors():
+        kv = probe_kv_layout(model.module)
+    adapter = DecoderAdapter(model.module, kv)
+    batch_dim, seq_dim = recipe.inputs[0].shape
+    specs = adapter.input_specs(batch_dim, seq_dim)
+    data = recipe.verify.data
+    length = min(data.max_length, recipe.dims[seq_dim].max + 1, recipe.dims["past"].max + 1)
+    batch_size = min(data.batch_size, recipe.dims[batch_dim].max)
+    with timer("data", f"{data.samples} windows of {length} tokens ({data.source}), prefill + decode"), _eager_errors():
+        batches = decoder_batches(adapter, tokenizer=model.tokenizer, corpus=data.corpus, source=data.source,
+                                  samples=data.samples, batch_size=batch_size, length=length,
+                                  vocab_size=model.vocab_size or 100, seed=data.seed)
+    with timer("reference", "eager PyTorch fp32"), _eager_errors():
+        reference = [adapter.named(b) for b in batches]
+    with timer("export", "torch.export, KV cache explicit"):
+        program = export_program(adapter, specs, recipe.dims, vocab_size=model.vocab_size, seed=data.seed)
+        program = replace(program, kv_layout=kv.to_dict())
+    return passes, target, model, adapter, batches, reference, program
+
+
+def feeds_for(program_kv: dict[str, Any] | None, batch: Batch) -> Batch:
+    """A canonical checking batch in the layout of the program / lowered model (identity without a cache)."""
+    return KVLayout.from_dict(program_kv).feeds(batch) if program_kv else batch
+
+
+def canonical_outputs(program_kv: dict[str, Any] | None, outputs: dict[str, Any], batch: Batch) -> dict[str, Any]:
+    return KVLayout.from_dict(program_kv).canonical_outputs(outputs, batch) if program_kv else outputs
 
 
 @contextlib.contextmanager
@@ -228,7 +269,8 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
                         for r, b in zip(ledger_reference, ledger_batches)]
 
     def check(p: Program) -> dict[str, Any]:
-        return _metrics_dicts(compare(ledger_reference, [p.run(b) for b in ledger_batches], logits=logits))
+        outs = [canonical_outputs(p.kv_layout, p.run(feeds_for(p.kv_layout, b)), b) for b in ledger_batches]
+        return _metrics_dicts(compare(ledger_reference, outs, logits=logits))
 
     start = time.perf_counter()
     export_metrics = check(program)
@@ -251,7 +293,8 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
             build = target.lower(program, staged, log=reporter.log)
             runner = target.load(staged, threads=threads)
             check_start = time.perf_counter()
-            lowered = _metrics_dicts(compare(ledger_reference, _run_lowered(runner, ledger_batches), logits=logits))
+            lowered = _metrics_dicts(compare(ledger_reference, _run_lowered(runner, ledger_batches, program.kv_layout),
+                                             logits=logits))
             ledger.append(LedgerEntry(f"lower:{target.name}", target.options.model_dump(mode="json"), True,
                                       check_start - lower_start, time.perf_counter() - check_start,
                                       sum(build.info.get("nodes", {}).values()),
@@ -260,16 +303,22 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
                                       metrics=lowered))
 
         with timer("accuracy", f"{sample_count(batches)} samples"):
-            candidate = _run_lowered(runner, batches)
+            candidate = _run_lowered(runner, batches, program.kv_layout)
             metrics = compare(reference, candidate, logits=logits)
             gates = evaluate_gates(metrics, recipe.verify.accuracy.gates, recipe.verify.accuracy.outputs)
         accuracy = {"passed": all(g.passed for g in gates), "samples": sample_count(batches),
                     "data": recipe.verify.data.source, "metrics": _metrics_dicts(metrics),
                     "gates": [g.to_dict() for g in gates]}
 
-        latency, latency_gates = _measure_latency(loaded, model, adapter, runner, threads, reporter, timer)
+        llm: dict[str, Any] = {}
+        if recipe.model.task == "text-generation":
+            llm = _llm_checks(loaded, model, program, runner, reporter, timer)
+            _save_tokenizer(model, staged)
 
-        passed = accuracy["passed"] and latency["passed"]
+        latency, latency_gates = _measure_latency(loaded, model, adapter, runner, threads, reporter, timer,
+                                                  program.kv_layout)
+
+        passed = accuracy["passed"] and latency["passed"] and llm.get("passed", True)
         manifest: dict[str, Any] = {
             "id": None,
             "name": recipe.artifact.name,
@@ -286,6 +335,7 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
             "build": {**build.info, "runner": runner.describe()},
             "passes": [e.to_dict() for e in ledger],
             "accuracy": accuracy,
+            **({"llm": llm, "generation": _generation_info(model)} if llm else {}),
             "latency": latency,
             "stages": dict(timer.stages),
             "files": {},
@@ -295,7 +345,7 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
 
             manifest["files"] = hash_files(staged)
             manifest["id"] = compute_id(manifest)
-            failure = GateFailure(_failure_message(accuracy, latency), manifest=manifest)
+            failure = GateFailure(_failure_message(accuracy, latency, llm), manifest=manifest)
             failure.result = CompileResult(manifest, None, ledger, timer.stages, gates, latency_gates)
             raise failure
         with timer("store", str(store.root)):
@@ -307,16 +357,99 @@ def _top_ops(nodes: Mapping[str, int], n: int = 4) -> str:
     return ", ".join(f"{count} {op}" for op, count in list(nodes.items())[:n]) + (" ..." if len(nodes) > n else "")
 
 
-def _failure_message(accuracy: dict[str, Any], latency: dict[str, Any]) -> str:
+def _failure_message(accuracy: dict[str, Any], latency: dict[str, Any], llm: dict[str, Any] | None = None) -> str:
     failed = [f"{g['output']} {g['metric']} = {g['value']} (gate {g['op']} {g['bound']})"
               for g in accuracy["gates"] if not g["passed"]]
+    failed += [f"{g['metric']} = {g['value']} (gate {g['op']} {g['bound']})"
+               for g in (llm or {}).get("gates", []) if not g["passed"]]
     failed += [f"latency {g['metric']} = {g['value']} (budget {g['op']} {g['bound']})"
                for g in latency.get("gates", []) if not g["passed"]]
     return "gate failed: " + "; ".join(failed)
 
 
+def _llm_checks(loaded: LoadedRecipe, model: LoadedModel, program: Program, runner, reporter: Reporter,
+                timer: _Timer) -> dict[str, Any]:
+    """Greedy generation against Hugging Face eager `generate`, and perplexity on held-out text."""
+    from .generation import Generator, ProgramDecoder, prompt_ids
+    from .verify.llm import greedy_match, hf_greedy, perplexity, token_stream
+
+    recipe = loaded.recipe
+    layout = KVLayout.from_dict(program.kv_layout)
+    decoder = runner.decoder(layout) if hasattr(runner, "decoder") else ProgramDecoder(runner.run, layout)
+    generator = Generator(decoder, model.tokenizer)
+    result: dict[str, Any] = {"passed": True, "gates": []}
+    spec = recipe.verify.generation
+    if spec is not None:
+        if model.tokenizer is None:
+            raise loaded.error(("verify", "generation"), "the greedy-token check needs the model's tokenizer, and this "
+                               "model has none", hint="remove verify.generation, or load a model with a tokenizer")
+        prompts = [prompt_ids(model.tokenizer, p, chat=spec.chat) for p in spec.prompts]
+        with timer("generation", f"{len(prompts)} prompts x {spec.max_new_tokens} tokens, greedy, vs HF generate"):
+            reference = hf_greedy(model.module, prompts, spec.max_new_tokens)
+            candidate, speeds = [], []
+            for i, ids in enumerate(prompts):
+                reporter.progress("generation", i, len(prompts))
+                out = generator.generate(torch.tensor([ids]), max_new_tokens=spec.max_new_tokens, ignore_eos=True)
+                candidate.append(out.tokens[0].tolist())
+                speeds.append(out.decode_tokens_per_s)
+        match = greedy_match(reference, candidate)
+        match["decode_tokens_per_s_median"] = round(float(sorted(speeds)[len(speeds) // 2]), 2)
+        match["sample"] = {"prompt": spec.prompts[0],
+                           "output": model.tokenizer.decode(candidate[0], skip_special_tokens=True)}
+        gate = {"metric": "greedy_exact_fraction", "value": round(match["exact_fraction"], 4), "op": ">=",
+                "bound": spec.min_exact, "passed": match["exact_fraction"] >= spec.min_exact}
+        result["generation"] = match
+        result["gates"].append(gate)
+    pspec = recipe.verify.perplexity
+    if pspec is not None:
+        if model.tokenizer is None:
+            raise loaded.error(("verify", "perplexity"), "perplexity needs the model's tokenizer, and this model has none")
+        data = recipe.verify.data
+        skip = data.samples * max(1, data.max_length // 8)  # sentences the checking windows may have used
+        stream = token_stream(model.tokenizer, data.corpus, tokens=pspec.samples * pspec.length, seed=data.seed + 1,
+                              skip=skip)
+        windows = stream[: (len(stream) // pspec.length) * pspec.length].view(-1, pspec.length)
+
+        def compiled_logits(ids: torch.Tensor) -> Any:
+            decoder.start(ids.shape[0])
+            return decoder.step(ids.numpy())
+
+        def eager_logits(ids: torch.Tensor) -> Any:
+            with torch.no_grad():
+                return model.module(input_ids=ids).logits
+
+        with timer("perplexity", f"{windows.shape[0]} held-out windows x {pspec.length} tokens"):
+            eager_ppl = perplexity(windows, eager_logits)
+            compiled_ppl = perplexity(windows, compiled_logits)
+        delta = compiled_ppl / eager_ppl - 1.0
+        result["perplexity"] = {"windows": int(windows.shape[0]), "length": pspec.length, "eager": round(eager_ppl, 4),
+                                "compiled": round(compiled_ppl, 4), "rel_delta": round(delta, 6)}
+        result["gates"].append({"metric": "perplexity_rel_delta", "value": round(abs(delta), 6), "op": "<=",
+                                "bound": pspec.max_rel_delta, "passed": abs(delta) <= pspec.max_rel_delta})
+    result["kv_layout"] = layout.to_dict()
+    result["passed"] = all(g["passed"] for g in result["gates"])
+    return result
+
+
+def _save_tokenizer(model: LoadedModel, staged: Path) -> None:
+    """A text-generation artifact carries its tokenizer (and chat template), so `compilekit generate` needs
+    nothing but the artifact."""
+    from .generation import TOKENIZER_DIR
+
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(staged / TOKENIZER_DIR))
+
+
+def _generation_info(model: LoadedModel) -> dict[str, Any]:
+    from .generation import eos_ids
+
+    tok = model.tokenizer
+    return {"eos_token_ids": eos_ids(tok, getattr(model.module, "generation_config", None)) if tok else [],
+            "chat_template": bool(getattr(tok, "chat_template", None)) if tok else False}
+
+
 def _measure_latency(loaded: LoadedRecipe, model: LoadedModel, adapter: ExportAdapter, runner, threads: int,
-                     reporter: Reporter, timer: _Timer) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                     reporter: Reporter, timer: _Timer, kv: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     spec = loaded.recipe.verify.latency
     if not spec.enabled:
         return {"passed": True, "enabled": False, "gates": []}, []
@@ -324,12 +457,13 @@ def _measure_latency(loaded: LoadedRecipe, model: LoadedModel, adapter: ExportAd
 
     recipe = loaded.recipe
     sizes = {name: spec.shape.get(name, d.opt) for name, d in recipe.dims.items()}
-    inputs = make_inputs(recipe.inputs, sizes, vocab_size=model.vocab_size,
+    specs = adapter.input_specs(*recipe.inputs[0].shape) if kv else recipe.inputs
+    inputs = make_inputs(specs, sizes, vocab_size=model.vocab_size,
                          generator=torch.Generator().manual_seed(recipe.verify.data.seed))
     first = recipe.inputs[0].shape[0]
     batch = sizes[first] if isinstance(first, str) else first
     args = tuple(inputs[n] for n in adapter.input_names)
-    compiled = runner.bind(inputs)
+    compiled = runner.bind(feeds_for(kv, inputs))
 
     def eager() -> object:
         with torch.inference_mode():

@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from .errors import ExportError
 from .inputs import export_example_sizes, make_inputs
 from .ir import DimRange, Program, TensorSpec, dtype_name, symbolic_shape
+from .kvcache import INPUT_IDS, LOGITS, POSITION_IDS, KVLayout
 
 
 class ExportAdapter(torch.nn.Module):
@@ -58,6 +60,101 @@ class ExportAdapter(torch.nn.Module):
         with torch.no_grad():
             values = self(*(inputs[n] for n in self.input_names))
         return dict(zip(self.output_names, values, strict=True))
+
+
+@dataclass(frozen=True)
+class GeneratedInput:
+    """An input the export adds itself (not from the recipe), with the fields `make_inputs` reads."""
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    fill: str | None = None
+    high: int | None = None
+
+
+class DecoderAdapter(torch.nn.Module):
+    """A decoder LM with its KV cache as explicit tensors (task `text-generation`).
+
+    forward(input_ids, position_ids, past_key_values.0.key, past_key_values.0.value, ...) ->
+    (logits, present.0.key, present.0.value, ...), canonical layout: concat, [batch, kv_heads, len, head_dim].
+    One program serves prefill (past of length 0) and decode. A transformers `DynamicCache` is built from the
+    past tensors inside forward, so the model runs its own attention and mask code unchanged.
+    (transformers' TorchExportableModuleForDecoderOnlyLM bakes the cache into the program instead: no
+    cache inputs or outputs, so it cannot decode across calls.)
+    """
+
+    def __init__(self, model: torch.nn.Module, kv: KVLayout, past_dim: str = "past") -> None:
+        super().__init__()
+        self.model = model
+        self.kv = kv
+        self.past_dim = past_dim
+        self.input_names = [INPUT_IDS, POSITION_IDS, *kv.past_names]
+        self.output_names = [LOGITS, *kv.present_names]
+        # transformers 5.2x renames `past_key_values` to `cache`; 5.17 knows only the old name.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def input_specs(self, batch: str, seq: str) -> list[GeneratedInput]:
+        return [GeneratedInput(INPUT_IDS, "int64", (batch, seq)),
+                GeneratedInput(POSITION_IDS, "int64", (batch, seq), fill="arange"),
+                *(GeneratedInput(name, "float32", self.kv.shape(batch, self.past_dim)) for name in self.kv.past_names)]
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        input_ids, position_ids, *past = args
+        cache = DynamicCache()
+        for layer in range(self.kv.layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, return_dict=True,
+                         **{self._cache_kwarg: cache})
+        present = []
+        returned = _returned_cache(out)
+        for layer in range(self.kv.layers):
+            present.extend(_layer_cache(returned, layer))
+        return (out.logits, *present)
+
+    def named(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            values = self(*(inputs[n] for n in self.input_names))
+        return dict(zip(self.output_names, values, strict=True))
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else out.cache
+
+
+def _layer_cache(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[layer].keys, layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]  # older transformers cache API
+
+
+def probe_kv_layout(model: torch.nn.Module) -> KVLayout:
+    """The canonical KV layout of a transformers decoder, read from the cache one tiny forward returns."""
+    config = getattr(model, "config", None)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros(1, 2, dtype=torch.int64), use_cache=True, return_dict=True)
+        cache = _returned_cache(out)
+        n_layers = len(cache.layers) if hasattr(cache, "layers") else len(cache.key_cache)
+        key, value = _layer_cache(cache, 0)
+    except Exception as exc:  # a model without a transformers cache: say so plainly
+        raise ExportError(f"{type(model).__name__} does not return a transformers KV cache "
+                          f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})",
+                          hint="task text-generation needs a decoder that takes `past_key_values`; use task "
+                               "causal-lm to compile the full forward without a cache") from None
+    if key.dim() != 4 or key.shape != value.shape:
+        raise ExportError(f"unsupported KV cache shape {tuple(key.shape)} / {tuple(value.shape)}",
+                          hint="compilekit expects [batch, kv_heads, seq, head_dim] keys and values of one size")
+    num_heads = getattr(config, "num_attention_heads", None) or key.shape[1]
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) is False:
+        window = None
+    return KVLayout(layers=n_layers, num_heads=int(num_heads), kv_heads=int(key.shape[1]),
+                    head_dim=int(key.shape[-1]), sliding_window=int(window) if window else None)
 
 
 def named_tensor_outputs(out: Any) -> dict[str, torch.Tensor]:

@@ -110,17 +110,20 @@ class Program:
         """A deep copy of the graph module to edit. Weights are lifted inputs, so this copies no weights."""
         return copy.deepcopy(self.ep.graph_module)
 
-    def with_graph(self, graph_module: torch.fx.GraphModule, **changes: Any) -> Program:
-        """A new Program with `graph_module` in place of this one's graph; weights and signature are shared."""
+    def with_graph(self, graph_module: torch.fx.GraphModule, *, graph_signature: Any = None, **changes: Any) -> Program:
+        """A new Program with `graph_module` in place of this one's graph; weights and signature are shared.
+
+        A pass that changes the program's inputs (kv.layout adds `cache_position`) passes the new
+        `graph_signature` and the matching `inputs`/`outputs` specs in `changes`."""
         graph_module.recompile()
         ep = ExportedProgram(
             root=graph_module,
             graph=graph_module.graph,
-            graph_signature=_signature_for(self.ep.graph_signature, graph_module.graph),
+            graph_signature=_signature_for(graph_signature or self.ep.graph_signature, graph_module.graph),
             state_dict=self.ep.state_dict,
             range_constraints=self.ep.range_constraints,
-            module_call_graph=copy.deepcopy(self.ep.module_call_graph),
-            example_inputs=self.ep.example_inputs,
+            module_call_graph=_call_graph_for(self.ep.module_call_graph, graph_signature),
+            example_inputs=self.ep.example_inputs if graph_signature is None else None,
             constants=self.ep.constants,
             verifiers=getattr(self.ep, "verifiers", None),
         )
@@ -168,6 +171,25 @@ class Program:
             lines.append("")
             lines.append(str(self.graph))
         return "\n".join(lines)
+
+
+def _call_graph_for(call_graph, signature) -> list:
+    """The module call graph with its root's input spec matching `signature`'s user inputs (positional), for
+    a pass that adds an input; `ep.module()` checks calls against that spec."""
+    entries = copy.deepcopy(call_graph)
+    if signature is None:
+        return entries
+    import torch.utils._pytree as pytree
+    from torch.export.graph_signature import TensorArgument
+
+    names = list(signature.user_inputs)
+    for entry in entries:
+        if entry.fqn == "" and entry.signature is not None and entry.signature.in_spec.num_leaves != len(names):
+            entry.signature.in_spec = pytree.tree_flatten((tuple(range(len(names))), {}))[1]
+            entry.signature.inputs = [TensorArgument(name=n) for n in names]
+            if getattr(entry.signature, "forward_arg_names", None) is not None:
+                entry.signature.forward_arg_names = names
+    return entries
 
 
 def _signature_for(sig, graph: torch.fx.Graph):

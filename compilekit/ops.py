@@ -160,3 +160,184 @@ def _rms_norm_ort(x, normalized_shape, weight=None, eps: float | None = None):
 
 
 register_translation("onnxruntime", torch.ops.aten.rms_norm.default)(_rms_norm_ort)
+
+
+# ----------------------------------------------------------------------------------- cached attention
+# compilekit::cached_attention(q, k, v, past_k, past_v, cache_position, scale, num_heads, num_kv_heads,
+#                              layout, cache, window, softcap) -> (out, present_k, present_v)
+#   Attention of a decoder step over its KV cache, with the cache update inside the op, so a target can
+#   use its own cache kernel (ORT GroupQueryAttention) and, for `static`, update the buffer in place.
+#   q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] (this step's keys/values, float32, after rotary);
+#   past_k/past_v: the cache in `layout` (bhsd: [B, Hkv, P, D]; bshd: [B, P, Hkv, D]) and its dtype;
+#   cache `concat`: present = past ++ new; the step's tokens sit at positions P .. P+S-1;
+#   cache `static`: past is a buffer of L positions; present = past with the new rows written at
+#   `cache_position` ([S] int64); the step's tokens sit at those positions.
+#   Causal: a token at position p attends keys at positions <= p (and > p - window when window > 0).
+#   Stale rows of a static buffer beyond the current position are never attended.
+
+CACHE_LAYOUTS = ("bhsd", "bshd")
+CACHE_KINDS = ("concat", "static")
+
+
+def _cache_to_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t if layout == "bhsd" else t.transpose(1, 2)
+
+
+def _cache_from_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t if layout == "bhsd" else t.transpose(1, 2)
+
+
+def cached_attention_reference(q, k, v, past_k, past_v, cache_position, scale: float, num_heads: int,
+                               num_kv_heads: int, layout: str, cache: str, window: int, softcap: float):
+    """The semantics of compilekit::cached_attention in eager PyTorch."""
+    seq_axis = 2 if layout == "bhsd" else 1
+    new_k = _cache_from_bhsd(k, layout).to(past_k.dtype)
+    new_v = _cache_from_bhsd(v, layout).to(past_v.dtype)
+    steps = q.shape[2]
+    if cache == "concat":
+        start = past_k.shape[seq_axis]
+        present_k = torch.cat([past_k, new_k], dim=seq_axis)
+        present_v = torch.cat([past_v, new_v], dim=seq_axis)
+        positions = torch.arange(steps, device=q.device) + start
+    else:
+        present_k = past_k.index_copy(seq_axis, cache_position, new_k)
+        present_v = past_v.index_copy(seq_axis, cache_position, new_v)
+        positions = cache_position
+    keys = _cache_to_bhsd(present_k, layout).to(q.dtype)
+    values = _cache_to_bhsd(present_v, layout).to(q.dtype)
+    key_positions = torch.arange(keys.shape[2], device=q.device)
+    mask = key_positions[None, :] <= positions[:, None]
+    if window > 0:
+        mask = mask & (key_positions[None, :] > positions[:, None] - window)
+    out = attention_reference(q, keys, values, mask, scale, False, num_heads, num_kv_heads, softcap)
+    return out, present_k, present_v
+
+
+@torch.library.custom_op("compilekit::cached_attention", mutates_args=())
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                     cache_position: torch.Tensor | None, scale: float, num_heads: int, num_kv_heads: int,
+                     layout: str, cache: str, window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, pk, pv = cached_attention_reference(q, k, v, past_k, past_v, cache_position, scale, num_heads, num_kv_heads,
+                                             layout, cache, window, softcap)
+    return out.contiguous(), pk.contiguous(), pv.contiguous()
+
+
+@cached_attention.register_fake
+def _cached_attention_fake(q, k, v, past_k, past_v, cache_position, scale, num_heads, num_kv_heads, layout, cache,
+                           window, softcap):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    if cache == "static":
+        return out, past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)
+    seq_axis = 2 if layout == "bhsd" else 1
+    grow = lambda t: t.new_empty([s + q.shape[2] if i == seq_axis else s for i, s in enumerate(t.shape)])  # noqa: E731
+    return out, grow(past_k), grow(past_v)
+
+
+def _cached_attention_as_standard(q, k, v, past_k, past_v, cache_position, scale, num_heads, num_kv_heads, layout,
+                                  cache, window, softcap):
+    """Standard form: the cache update in ATen (Concat / ScatterND after export) and compilekit::attention with
+    an explicit position mask, which each flavor translates. Used by the tensorrt flavor, whose parser takes
+    no contrib ops and whose `Attention` has no past inputs."""
+    seq_axis = 2 if layout == "bhsd" else 1
+    new_k = _cache_from_bhsd(k, layout).to(past_k.dtype)
+    new_v = _cache_from_bhsd(v, layout).to(past_v.dtype)
+    if cache == "concat":
+        present_k = torch.cat([past_k, new_k], dim=seq_axis)
+        present_v = torch.cat([past_v, new_v], dim=seq_axis)
+        positions = torch.arange(q.shape[2], device=q.device) + past_k.shape[seq_axis]
+    else:
+        present_k = past_k.index_copy(seq_axis, cache_position, new_k)
+        present_v = past_v.index_copy(seq_axis, cache_position, new_v)
+        positions = cache_position
+    keys = _cache_to_bhsd(present_k, layout).to(q.dtype)
+    values = _cache_to_bhsd(present_v, layout).to(q.dtype)
+    key_positions = torch.arange(keys.shape[2], device=q.device)
+    mask = key_positions[None, :] <= positions[:, None]
+    if window > 0:
+        mask = mask & (key_positions[None, :] > positions[:, None] - window)
+    out = torch.ops.compilekit.attention(q, keys, values, mask[None, None], scale, False, num_heads, num_kv_heads,
+                                         softcap)
+    return out, present_k, present_v
+
+
+register_decomposition("tensorrt", torch.ops.compilekit.cached_attention.default)(_cached_attention_as_standard)
+
+
+def _register_gqa_schema() -> None:
+    """Declare ORT's com.microsoft.GroupQueryAttention to onnx, once: onnxscript (and so torch.onnx's
+    translation functions) build only ops whose schema onnx knows, and onnx ships no contrib-op schemas.
+    Inputs, outputs and attributes follow ORT's ContribOperators.md (GroupQueryAttention, version 1)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("GroupQueryAttention", "com.microsoft"):
+        return
+    opt, single = OpSchema.FormalParameterOption.Optional, OpSchema.FormalParameterOption.Single
+    inputs = [("query", "T", single), ("key", "T", opt), ("value", "T", opt), ("past_key", "T", opt),
+              ("past_value", "T", opt), ("seqlens_k", "M", single), ("total_sequence_length", "M", single),
+              ("cos_cache", "T", opt), ("sin_cache", "T", opt), ("position_ids", "P", opt),
+              ("attention_bias", "T", opt), ("head_sink", "T", opt)]
+    outputs = [("output", "T", single), ("present_key", "T", single), ("present_value", "T", single),
+               ("output_qk", "T", opt)]
+    attr = OpSchema.AttrType
+    attributes = [OpSchema.Attribute(name, kind, "", required=name in ("num_heads", "kv_num_heads"))
+                  for name, kind in (("num_heads", attr.INT), ("kv_num_heads", attr.INT), ("scale", attr.FLOAT),
+                                     ("softcap", attr.FLOAT), ("local_window_size", attr.INT),
+                                     ("do_rotary", attr.INT), ("rotary_interleaved", attr.INT),
+                                     ("smooth_softmax", attr.INT), ("qk_output", attr.INT))]
+    schema = OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter(n, t, "", param_option=o) for n, t, o in inputs],
+        outputs=[OpSchema.FormalParameter(n, t, "", param_option=o) for n, t, o in outputs],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
+        attributes=attributes,
+    )
+    onnx.defs.register_schema(schema)
+
+
+def _cached_attention_gqa(q, k, v, past_k, past_v, cache_position, scale: float, num_heads: int, num_kv_heads: int,
+                          layout: str, cache: str, window: int, softcap: float):
+    """onnxruntime flavor: com.microsoft.GroupQueryAttention, which appends (concat) or writes in place
+    (static: past and present bound to one buffer) and attends causally up to `seqlens_k`. Its cache is
+    BNSH in the compute dtype, so a bshd or float16 cache is transposed / cast around it (and then cannot
+    share its buffer; the manifest says so). ORT's CPU kernel takes a multi-token step with a past only at
+    batch 1: prefill (empty past) and one-token decode run at any batch."""
+    from onnxscript import opset18 as op
+    from onnxscript.values import Opset
+
+    _register_gqa_schema()
+    msft = Opset("com.microsoft", 1)
+    to_bsh = lambda t: op.Reshape(op.Transpose(t, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))  # noqa: E731
+    pk, pv = past_k, past_v
+    if layout == "bshd":
+        pk, pv = op.Transpose(pk, perm=[0, 2, 1, 3]), op.Transpose(pv, perm=[0, 2, 1, 3])
+    # GQA keeps its cache in the compute dtype; CastLike folds away when the dtypes already match.
+    pk, pv = op.CastLike(pk, q), op.CastLike(pv, q)
+    batch = op.Shape(q, start=0, end=1)
+    steps = op.Shape(q, start=2, end=3)
+    if cache == "concat":
+        total = op.Add(op.Shape(pk, start=2, end=3), steps)
+    else:
+        last = op.Slice(cache_position, op.Constant(value_ints=[-1]), op.Constant(value_ints=[2**62]))
+        total = op.Add(last, op.Constant(value_ints=[1]))
+    total = op.Cast(total, to=6)  # INT32, as GQA wants
+    seqlens_k = op.Expand(op.Sub(total, op.Cast(op.Constant(value_ints=[1]), to=6)), batch)
+    attrs = {"num_heads": num_heads, "kv_num_heads": num_kv_heads, "scale": scale}
+    if window > 0:
+        attrs["local_window_size"] = window
+    if softcap > 0:
+        attrs["softcap"] = softcap
+    # The optional 4th output (output_qk) is declared by the schema and trimmed after export (targets/onnx.py).
+    out, present_k, present_v, *_ = msft.GroupQueryAttention(
+        to_bsh(q), to_bsh(k), to_bsh(v), pk, pv, seqlens_k, op.Squeeze(total, op.Constant(value_ints=[0])), **attrs)
+    out = op.Transpose(op.Reshape(out, op.Concat(batch, steps, op.Constant(value_ints=[num_heads, -1]), axis=0)),
+                       perm=[0, 2, 1, 3])
+    present_k, present_v = op.CastLike(present_k, past_k), op.CastLike(present_v, past_v)
+    if layout == "bshd":
+        present_k = op.Transpose(present_k, perm=[0, 2, 1, 3])
+        present_v = op.Transpose(present_v, perm=[0, 2, 1, 3])
+    return out, present_k, present_v
+
+
+register_translation("onnxruntime", torch.ops.compilekit.cached_attention.default)(_cached_attention_gqa)

@@ -147,6 +147,8 @@ class NodeRule:
     pattern: frozenset
     check: Callable[[torch.fx.Node], str | None]
     rewrite: Callable[[torch.fx.Node], bool]
+    # Optional narrower filter: nodes it rejects are not candidates at all (no skip reason recorded).
+    candidate: Callable[[torch.fx.Node], bool] | None = None
 
 
 @dataclass
@@ -168,6 +170,8 @@ def apply_node_rules(graph: torch.fx.Graph, rules: Iterable[NodeRule]) -> RuleSt
     for rule in rules:
         for node in list(graph.nodes):
             if node.graph is not graph or node.op != "call_function" or node.target not in rule.pattern:
+                continue
+            if rule.candidate is not None and not rule.candidate(node):
                 continue
             reason = rule.check(node)
             if reason is not None:

@@ -29,7 +29,7 @@ from pydantic import (
 from .errors import RecipeError
 
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
-TASKS = ("feature-extraction", "causal-lm", "masked-lm", "sequence-classification")
+TASKS = ("feature-extraction", "causal-lm", "masked-lm", "sequence-classification", "text-generation")
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -65,8 +65,9 @@ class _Model(BaseModel):
 class _ModelCommon(_Model):
     task: Literal[TASKS] = Field(  # type: ignore[valid-type]
         "feature-extraction",
-        description="Which head to load: feature-extraction (AutoModel), causal-lm, masked-lm, "
-        "sequence-classification.",
+        description="Which head to load: feature-extraction (AutoModel), causal-lm (full forward, no cache), "
+        "masked-lm, sequence-classification, text-generation (a decoder with its KV cache as explicit inputs and "
+        "outputs; needs a `past` dim).",
     )
     outputs: list[str] | None = Field(
         None, description="Model outputs to compile and check, by name (default: every tensor output)."
@@ -224,10 +225,41 @@ class LatencySpec(_Model):
     budget: LatencyBudget = Field(default_factory=LatencyBudget, description="Latency gates (none by default).")
 
 
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "Give me three tips for writing clear Python code.",
+    "What is the difference between a list and a tuple in Python?",
+    "Translate 'good morning' into Spanish and French.",
+    "Why is the sky blue?",
+    "Summarise the plot of Romeo and Juliet in one paragraph.",
+)
+
+
+class GenerationSpec(_Model):
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1,
+                               description="Prompts for the greedy-token check (default: 8 built-in chat prompts).")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt, EOS ignored.")
+    chat: bool = Field(True, description="Wrap prompts in the tokenizer's chat template, when it has one.")
+    min_exact: float = Field(1.0, ge=0, le=1, description="Gate: fraction of prompts whose greedy tokens equal Hugging "
+                             "Face eager `generate` exactly.")
+
+
+class PerplexitySpec(_Model):
+    samples: int = Field(8, ge=1, description="Windows of held-out real text (not the checking text).")
+    length: int = Field(256, ge=2, description="Tokens per window.")
+    max_rel_delta: float = Field(0.005, ge=0, description="Gate: |ppl_compiled / ppl_eager - 1| at most this.")
+
+
 class VerifySpec(_Model):
     data: DataSpec = Field(default_factory=DataSpec, description="Checking data.")
     accuracy: AccuracySpec = Field(default_factory=AccuracySpec, description="Accuracy gates against eager fp32.")
     latency: LatencySpec = Field(default_factory=LatencySpec, description="Latency against eager PyTorch.")
+    generation: GenerationSpec | None = Field(None, description="text-generation: greedy-token match against "
+                                              "Hugging Face eager generate (section below).")
+    perplexity: PerplexitySpec | None = Field(None, description="text-generation: perplexity on held-out text "
+                                              "against eager (section below).")
 
 
 class ArtifactSpec(_Model):
@@ -262,6 +294,18 @@ class Recipe(_Model):
                                      f"declared under `dims` (declared: {sorted(self.dims) or 'none'})"))
                 if isinstance(size, int) and size < 1:
                     problems.append((("inputs", i, "shape"), f"input {spec.name!r} has a fixed size {size}; sizes must be >= 1"))
+        if self.model.task == "text-generation":
+            if "past" not in self.dims:
+                problems.append((("dims",), "task text-generation needs a `past` dim (the KV-cache length), e.g. "
+                                 "past: {min: 0, opt: 128, max: 2048}"))
+            first = self.inputs[0]
+            if len(self.inputs) != 1 or first.name != "input_ids" or len(first.shape) != 2 or \
+                    not all(isinstance(d, str) for d in first.shape):
+                problems.append((("inputs",), "task text-generation takes one input, input_ids with shape "
+                                 "[batch, seq] (named dims); position ids and the KV cache are added by the export"))
+        elif self.verify.generation is not None or self.verify.perplexity is not None:
+            key = "generation" if self.verify.generation is not None else "perplexity"
+            problems.append((("verify", key), f"verify.{key} needs model.task: text-generation"))
         for section, sizes in (("data", self.verify.data.shape), ("latency", self.verify.latency.shape)):
             for name, size in sizes.items():
                 loc = ("verify", section, "shape", name)
@@ -494,6 +538,7 @@ def recipe_reference_markdown() -> str:
     for title, cls in (("model (source: hf)", HFDirModel), ("model (source: gguf)", GGUFModel),
                        ("model (source: package)", PackageModel), ("model (source: config)", ConfigModel),
                        ("model (source: factory)", FactoryModel), ("inputs[]", InputSpec), ("dims.NAME", DimSpec),
+                       ("verify.generation", GenerationSpec), ("verify.perplexity", PerplexitySpec),
                        ("passes[]", PassSpec)):
         rows.append(f"| **{title}** | | | |")
         prefix = title.split(" ")[0] + "."

@@ -5,7 +5,9 @@ No-op rules, each `x -> x`, for ops whose result is provably its input:
 - identity views and copies (`view`, `reshape`, `expand`, `clone`, `alias`, `contiguous`, `detach`,
   `to` / `_to_copy`, full `slice`): when the result has the input's shape, dtype and device;
 - `x + 0`, `x - 0`, `x * 1`, `x / 1` with a Python scalar, when the result keeps x's dtype;
-- `_assert_tensor_metadata` checks that hold by the traced metadata (same dtype, device, layout).
+- `_assert_tensor_metadata` checks that hold by the traced metadata (same dtype, device, layout);
+- `cat` operands that are empty 1-D constants: `torch.cat` skips them (its legacy rule), and transformers'
+  `DynamicCache` starts every layer from one, so each exported KV-cache update is `cat([empty, past])`.
 
 Dropping a copy is only sound when nothing writes in place, so every rule steps aside on a graph with
 in-place ops. Graph outputs are left alone, because the program's signature names them. Then every
@@ -132,9 +134,56 @@ def _erase(node: torch.fx.Node) -> bool:
     return True
 
 
+def _is_fresh_constant(node: torch.fx.Node) -> bool:
+    """`detach_(lift_fresh_copy(constant))`: how export spells a tensor literal such as `torch.tensor([])`."""
+    inner = node.args[0] if node.target is aten.detach_.default and node.args else node
+    return (isinstance(inner, torch.fx.Node) and inner.target is aten.lift_fresh_copy.default
+            and isinstance(inner.args[0], torch.fx.Node) and inner.args[0].op == "placeholder")
+
+
+def _empty_operands(node: torch.fx.Node) -> list[torch.fx.Node]:
+    tensors = node.args[0] if node.args else []
+    out = []
+    for t in tensors:
+        val = _val(t)
+        if isinstance(val, torch.Tensor) and val.dim() == 1 and isinstance(val.shape[0], int) and val.shape[0] == 0:
+            out.append(t)
+    return out
+
+
+def _check_empty_cat(node: torch.fx.Node) -> str | None:
+    tensors = node.args[0] if node.args else []
+    if not isinstance(tensors, (list, tuple)) or len(tensors) < 2:
+        return "fewer than two operands"
+    empties = _empty_operands(node)
+    if len(empties) == len(tensors):
+        return "every operand is empty"
+    if len(tensors) - len(empties) == 1 and any(u.op == "output" for u in node.users):
+        return "result is a graph output"
+    return None
+
+
+def _drop_empty_operands(node: torch.fx.Node) -> bool:
+    empties = _empty_operands(node)
+    kept = [t for t in node.args[0] if t not in empties]
+    if len(kept) == 1:
+        node.replace_all_uses_with(kept[0])
+        node.graph.erase_node(node)
+    else:
+        node.args = (kept, *node.args[1:])
+    for empty in empties:  # the literal's own nodes: detach_ is in-place, so dead-code removal keeps it
+        chain = [empty, empty.args[0]] if empty.target is aten.detach_.default else [empty]
+        for link in chain:
+            if not link.users and _is_fresh_constant(empty):
+                node.graph.erase_node(link)
+    return True
+
+
 RULES = (
     # The exporter records `.to(dtype)` calls as runtime asserts; with the traced dtype equal they cannot fail.
     NodeRule("metadata-assert", frozenset({aten._assert_tensor_metadata.default}), _check_assert, _erase),
+    NodeRule("empty-cat-operand", frozenset({aten.cat.default}), _check_empty_cat, _drop_empty_operands,
+             candidate=lambda node: bool(_empty_operands(node))),
     NodeRule("dropout", frozenset({aten.dropout.default, aten.native_dropout.default}), _check_dropout, _bypass),
     NodeRule("identity", _SAME_SHAPE_OPS, _check_same, _bypass),
     NodeRule("arith-identity", frozenset(_ARITH), _check_arith, _bypass),
@@ -147,6 +196,8 @@ def _has_mutation(graph: torch.fx.Graph) -> bool:
         if node.op == "call_function" and schema is not None and schema.is_mutable:
             if node.target is aten._assert_tensor_metadata.default:
                 continue
+            if node.target is aten.detach_.default and _is_fresh_constant(node):
+                continue  # a tensor literal's own fresh copy: nothing else can see the write
             return True
     return False
 

@@ -107,6 +107,8 @@ def mask_kind(mask: Any, graph: torch.fx.Graph, user_input_names: set[str]) -> s
         if not isinstance(node, torch.fx.Node) or node in seen:
             continue
         seen.add(node)
+        if node.target is aten.sym_size.int:
+            continue  # a size read from an input (e.g. the past length) is a shape, not a padding mask
         padding |= node in user_inputs
         causal |= node.target in _COMPARE
         stack.extend(a for a in node.all_input_nodes)

@@ -93,7 +93,7 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
 
 
 # Ops whose trailing outputs are optional and cost work (or are rejected by TensorRT) when declared.
-_TRIMMABLE = {("", "Attention"), ("", "LayerNormalization")}
+_TRIMMABLE = {("", "Attention"), ("", "LayerNormalization"), ("com.microsoft", "GroupQueryAttention")}
 
 
 def _trim_unused_outputs(model) -> None:

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from ..errors import ArtifactError, LoweringError
 from ..ir import Program
+from ..kvcache import CACHE_POSITION, INPUT_IDS, LOGITS, POSITION_IDS, KVLayout, example_steps
 from . import BuildResult, Runner, Target, TargetOptions
 from .onnx import lower_to_onnx
 
@@ -80,11 +81,77 @@ class OnnxRuntimeRunner(Runner):
         session, names = self.session, self.output_names
         return lambda: session.run(names, feed)
 
+    def decoder(self, layout: KVLayout) -> OrtDecoder:
+        """A stateful decoder over this session (text-generation artifacts)."""
+        return OrtDecoder(self.session, layout)
+
     def describe(self) -> dict[str, Any]:
         return {"threads": self.threads, "spinning": self.options.spinning,
                 "disabled_optimizers": ["SkipLayerNormFusion"] if self.options.skip_layer_norm == "split" else [],
                 "optimization_level": self.options.optimization_level,
                 "providers": self.session.get_providers(), "session_seconds": round(self.session_seconds, 3)}
+
+
+class OrtDecoder:
+    """Prefill and decode steps over an ORT session with IO binding, so the KV cache stays in ORT-owned
+    memory between steps and is never copied through numpy.
+
+    - static cache: one buffer per past input, bound as that input *and* as the matching present output;
+      GroupQueryAttention writes the step's keys in place (ORT's past_present_share_buffer mode).
+    - concat cache: each present output is left in ORT memory and bound as the next step's past input (the
+      op itself still copies past into the longer present: that is what `concat` means).
+    """
+
+    def __init__(self, session: Any, layout: KVLayout) -> None:
+        self.session = session
+        self.layout = layout
+        self.past: list[Any] = []
+        self.position = 0
+        self.batch = 0
+        names = {i.name for i in session.get_inputs()}
+        self.has_cache_position = CACHE_POSITION in names
+
+    def start(self, batch: int) -> None:
+        import onnxruntime as ort
+
+        lay = self.layout
+        length = lay.max_len if lay.cache == "static" else 0
+        dtype = np.float16 if lay.dtype == "float16" else np.float32
+        self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(lay.shape(batch, length), dtype=dtype))
+                     for _ in lay.past_names]
+        self.position = 0
+        self.batch = batch
+
+    def step(self, input_ids: np.ndarray) -> np.ndarray:
+        lay = self.layout
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        b, s = ids.shape
+        if lay.cache == "static" and self.position + s > (lay.max_len or 0):
+            raise ValueError(f"position {self.position + s} is past the static cache ({lay.max_len} positions)")
+        io = self.session.io_binding()
+        io.bind_cpu_input(INPUT_IDS, ids)
+        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(
+            np.broadcast_to(np.arange(self.position, self.position + s, dtype=np.int64), (b, s))))
+        if self.has_cache_position:
+            io.bind_cpu_input(CACHE_POSITION, np.arange(self.position, self.position + s, dtype=np.int64))
+        for name, value in zip(lay.past_names, self.past):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output(LOGITS)
+        for name, value in zip(lay.present_names, self.past):
+            if lay.cache == "static":
+                io.bind_ortvalue_output(name, value)
+            else:
+                io.bind_output(name)
+        self.session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        if lay.cache == "concat":
+            self.past = list(outputs[1:])
+        self.position += s
+        return outputs[0].numpy()
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(int(np.prod(v.shape())) * (2 if self.layout.dtype == "float16" else 4) for v in self.past)
 
 
 class OnnxRuntimeTarget(Target):
@@ -160,9 +227,17 @@ def _same_outputs(plain: OnnxRuntimeRunner, fused: OnnxRuntimeRunner, program: P
 
     specs = [SimpleNamespace(name=t.name, dtype=t.dtype, shape=t.shape, fill=None, high=2) for t in program.inputs]
     gen = torch.Generator().manual_seed(0)
-    for bump in (0, 3):
-        sizes = {d.name: max(d.min, min(d.max, max(2, min(d.opt, 8)) + bump)) for d in program.dims}
-        feed = make_inputs(specs, sizes, vocab_size=2, generator=gen)
+    feeds = []
+    if program.kv_layout:  # a decoder: a prefill and a decode step, fed in the program's cache layout
+        layout = KVLayout.from_dict(program.kv_layout)
+        dims = {d.name: d for d in program.dims}
+        feeds = [layout.feeds(f) for f in example_steps(layout, batch=2, vocab_size=2, generator=gen, dims=dims)]
+    else:
+        for bump in (0, 3):
+            sizes = {d.name: max(d.min, min(d.max, max(2, min(d.opt, 8)) + bump)) for d in program.dims}
+            feeds.append(make_inputs(specs, sizes, vocab_size=2, generator=gen))
+    for feed in feeds:
+        sizes = {k: tuple(v.shape) for k, v in list(feed.items())[:3]}
         want, got = plain.run(feed), fused.run(feed)
         for name, ref in want.items():
             err = float(np.abs(got[name].astype(np.float64) - ref).max()) if ref.size else 0.0

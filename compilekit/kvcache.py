@@ -1,0 +1,156 @@
+"""The KV cache of a decoder program: how it is laid out, and how to feed it.
+
+A decoder program (task `text-generation`) takes the cache as explicit inputs and returns it as explicit
+outputs. `KVLayout` says how those tensors look; it is stored in `Program.kv_layout` and in the manifest,
+so a runtime knows how to feed the compiled model. The export gives the canonical layout (`concat`,
+`bhsd`, float32); the `kv.layout` pass changes it.
+
+- `concat`: `past_key_values.{i}.key` holds the P tokens seen so far, `present.{i}.key` holds P + S.
+- `static`: the past is a preallocated buffer of `max_len` positions; the program writes the new keys at
+  `cache_position` and returns the whole buffer as the present. A runtime can bind present to the same
+  memory as past, so decode copies no cache.
+
+Conversions between the canonical form and a layout live here, so the pass ledger, the accuracy check and
+the generation runner all feed a program the same way, whatever its layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+import torch
+
+POSITION_IDS = "position_ids"
+CACHE_POSITION = "cache_position"
+INPUT_IDS = "input_ids"
+LOGITS = "logits"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    layers: int
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    layout: Literal["bhsd", "bshd"] = "bhsd"
+    cache: Literal["concat", "static"] = "concat"
+    dtype: Literal["float32", "float16"] = "float32"
+    max_len: int | None = None          # static: positions in the buffer
+    sliding_window: int | None = None   # the model's attention window, if it has one
+    in_op: bool = False                 # the update runs inside compilekit::cached_attention (kv.layout ran)
+
+    # ------------------------------------------------------------------------------------------ names
+    @property
+    def past_names(self) -> list[str]:
+        return [past_name(i, kind) for i in range(self.layers) for kind in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [present_name(i, kind) for i in range(self.layers) for kind in ("key", "value")]
+
+    @property
+    def seq_axis(self) -> int:
+        return 2 if self.layout == "bhsd" else 1
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def shape(self, batch: int | str, length: int | str) -> tuple[int | str, ...]:
+        if self.layout == "bhsd":
+            return (batch, self.kv_heads, length, self.head_dim)
+        return (batch, length, self.kv_heads, self.head_dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "past_inputs": self.past_names, "present_outputs": self.present_names,
+                "position_input": POSITION_IDS,
+                "cache_position_input": CACHE_POSITION if self.cache == "static" else None,
+                "present_shares_past_buffer": self.cache == "static"}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KVLayout:
+        fields = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    def with_changes(self, **changes: Any) -> KVLayout:
+        return replace(self, **changes)
+
+    def cache_bytes(self, batch: int, length: int) -> int:
+        """Bytes of keys and values for `batch` sequences of `length` positions (static: the buffer)."""
+        positions = self.max_len if self.cache == "static" and self.max_len else length
+        return 2 * self.layers * batch * self.kv_heads * positions * self.head_dim * self.torch_dtype.itemsize
+
+    # --------------------------------------------------------------------------------- conversions
+    def from_canonical(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A canonical [B, H, S, D] float32 cache tensor in this layout's axes and dtype (not padded)."""
+        out = tensor if self.layout == "bhsd" else tensor.transpose(1, 2)
+        return out.to(self.torch_dtype).contiguous()
+
+    def to_canonical(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor if self.layout == "bhsd" else tensor.transpose(1, 2)
+        return out.to(torch.float32)
+
+    def feeds(self, canonical: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs for a program in this layout, from canonical inputs (concat, bhsd, float32)."""
+        out = {k: v for k, v in canonical.items() if k not in self.past_names}
+        past_len = canonical[self.past_names[0]].shape[2]
+        steps = canonical[INPUT_IDS].shape[1]
+        for name in self.past_names:
+            past = self.from_canonical(canonical[name])
+            if self.cache == "static":
+                if self.max_len is None or past_len + steps > self.max_len:
+                    raise ValueError(f"{past_len} past + {steps} new positions exceed the static cache "
+                                     f"({self.max_len} positions)")
+                buffer = past.new_zeros(self.shape(past.shape[0], self.max_len))
+                buffer.narrow(self.seq_axis, 0, past_len).copy_(past)
+                past = buffer
+            out[name] = past
+        if self.cache == "static":
+            out[CACHE_POSITION] = torch.arange(past_len, past_len + steps, dtype=torch.int64)
+        return out
+
+    def canonical_outputs(self, outputs: Mapping[str, Any], canonical_inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Outputs of a program in this layout, with the present cache back in canonical form (the valid
+        positions only, for a static buffer)."""
+        total = canonical_inputs[self.past_names[0]].shape[2] + canonical_inputs[INPUT_IDS].shape[1]
+        out = dict(outputs)
+        for name in self.present_names:
+            value = outputs[name]
+            tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
+            if self.cache == "static":
+                tensor = tensor.narrow(self.seq_axis, 0, total)
+            out[name] = self.to_canonical(tensor)
+        return out
+
+
+def canonical_layout(program_kv: Mapping[str, Any] | None) -> KVLayout | None:
+    return KVLayout.from_dict(program_kv) if program_kv else None
+
+
+def example_steps(layout: KVLayout, *, batch: int, vocab_size: int, generator: torch.Generator,
+                  dims: Mapping[str, Any] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Canonical inputs for the two steps every decoder runtime must take: a prefill (empty past, several
+    tokens) and a one-token decode over a past, at `batch`. (ORT's GroupQueryAttention rejects a multi-token
+    step over a past at batch > 1, so these are also the shapes a lowered decoder is checked at.)"""
+    out = []
+    for steps, past in ((5, 0), (1, 7)):
+        if dims and "past" in dims:
+            past = min(past, dims["past"].max)
+        ids = torch.randint(0, vocab_size, (batch, steps), generator=generator)
+        feed = {INPUT_IDS: ids, POSITION_IDS: torch.arange(past, past + steps).expand(batch, steps).contiguous()}
+        for name in layout.past_names:
+            feed[name] = torch.randn(batch, layout.kv_heads, past, layout.head_dim, generator=generator)
+        out.append(feed)
+    return out

@@ -1,0 +1,216 @@
+"""`kv.layout`: give a decoder program's KV cache the layout the recipe asks for.
+
+The export gives the canonical cache: past and present as separate tensors, `[batch, kv_heads, len,
+head_dim]`, float32, updated by `cat`. For every layer this pass finds
+
+    past_key_values.{i}.key --cat(new keys)--> K --> compilekit::attention(q, K, V, causal mask)
+                                               `--> present.{i}.key
+
+and replaces the update and the attention with one `compilekit::cached_attention`, which owns the cache
+update, so a target can run its own cache kernel (ORT GroupQueryAttention) and, for `static`, update the
+buffer in place. The program's cache inputs and outputs change to the new layout, a `cache_position` input
+is added for `static`, and `Program.kv_layout` (recorded in the manifest) says how to feed it.
+
+A layer is left alone, with the reason, when its attention is not fused (run `fuse.attention` first), its
+mask is not the plain causal mask (the op rebuilds that mask from positions), or the cache feeds anything
+else. The pass changes nothing unless every layer matches: a program with two cache layouts could not be fed.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+
+import compilekit.ops  # noqa: F401  (declares torch.ops.compilekit.cached_attention)
+from compilekit.ir import Program, TensorSpec
+from compilekit.kvcache import CACHE_POSITION, INPUT_IDS, KVLayout, past_name
+from compilekit.passes.fuse_attention import mask_kind
+from compilekit.pipeline import NoMatch, Pass, PassOptions, PassResult, register_pass
+from compilekit.pipeline import node_value as _val
+
+aten = torch.ops.aten
+ATTENTION = torch.ops.compilekit.attention.default
+CACHED_ATTENTION = torch.ops.compilekit.cached_attention.default
+
+
+def _concat_update(past: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """(cat node, new tensor) for `cat([past, new], dim=seq)`, the canonical cache update."""
+    users = [u for u in past.users if u.target is not aten.sym_size.int]
+    if len(users) != 1:
+        raise NoMatch(f"{past.name} is used {len(users)} times, not only by the cache update")
+    cat = users[0]
+    if cat.target is not aten.cat.default or len(cat.args[0]) != 2 or cat.args[0][0] is not past:
+        raise NoMatch(f"{past.name} does not feed `cat([past, new])` (run cleanup.dead_code first: it removes "
+                      f"the empty tensor transformers' DynamicCache starts from)")
+    dim = cat.args[1] if len(cat.args) > 1 else 0
+    if dim not in (2, -2):
+        raise NoMatch(f"the cache update concatenates on dim {dim}, not the sequence dim")
+    return cat, cat.args[0][1]
+
+
+def _attention_of(k_cat: torch.fx.Node, v_cat: torch.fx.Node) -> torch.fx.Node:
+    attn = [u for u in k_cat.users if u.target is ATTENTION]
+    other = [u for u in k_cat.users if u.target is not ATTENTION and u.op != "output"]
+    if other or not attn:
+        raise NoMatch("the layer's attention is not fused (run fuse.attention before kv.layout)")
+    if len(attn) != 1:
+        raise NoMatch(f"the cache feeds {len(attn)} attention ops")
+    node = attn[0]
+    if node.args[1] is not k_cat or node.args[2] is not v_cat:
+        raise NoMatch("the fused attention does not read this layer's keys and values")
+    if [u for u in v_cat.users if u is not node and u.op != "output"]:
+        raise NoMatch("the value cache feeds something besides the attention")
+    return node
+
+
+@register_pass
+class KVLayoutPass(Pass):
+    name = "kv.layout"
+    description = ("Rewrite a decoder's KV cache to a layout (bhsd/bshd), cache kind (concat/static buffer) and "
+                   "dtype, with the update inside one compilekit::cached_attention per layer.")
+
+    class Options(PassOptions):
+        layout: Literal["bhsd", "bshd"] = Field(
+            "bhsd", description="Axis order of cache tensors: bhsd = [batch, kv_heads, seq, head_dim] (what ORT's "
+            "GroupQueryAttention and TensorRT take), bshd = [batch, seq, kv_heads, head_dim].")
+        cache: Literal["concat", "static"] = Field(
+            "concat", description="concat: present = past + new, a new tensor each step. static: a buffer of "
+            "`max_len` positions written at `cache_position`; present shares the past buffer.")
+        dtype: Literal["float32", "float16"] = Field("float32", description="Element type of the stored cache.")
+        max_len: int | None = Field(None, ge=2, description="static: buffer positions (default: the `past` dim's max).")
+
+    def call(self, program: Program) -> PassResult:
+        if not program.kv_layout:
+            return PassResult(program, False, {"reason": "no explicit KV cache"},
+                              "nothing to do: not a decoder program with an explicit KV cache (task text-generation)")
+        current = KVLayout.from_dict(program.kv_layout)
+        o = self.options
+        max_len = o.max_len or next((d.max for d in program.dims if d.name == "past"), None) if o.cache == "static" else None
+        wanted = current.with_changes(layout=o.layout, cache=o.cache, dtype=o.dtype, max_len=max_len, in_op=True)
+        if current.in_op:
+            return PassResult(program, False, {"reason": "already rewritten"},
+                              f"nothing done: the cache is already {current.cache}/{current.layout}/{current.dtype}; "
+                              "kv.layout rewrites the exported (canonical) cache once")
+        if o.cache == "static" and max_len is None:
+            return PassResult(program, False, {"reason": "no max_len"},
+                              "nothing done: static cache needs `max_len` (or a `past` dim whose max gives it)")
+
+        gm = program.copy_graph()
+        graph = gm.graph
+        user_names = list(program.ep.graph_signature.user_inputs)
+        placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+        by_input = {spec.name: placeholders[ph] for spec, ph in zip(program.inputs, user_names, strict=True)}
+        user_inputs = set(user_names)
+
+        layers: list[dict[str, Any]] = []
+        misses: list[dict[str, Any]] = []
+        for i in range(current.layers):
+            try:
+                pk, pv = by_input[past_name(i, "key")], by_input[past_name(i, "value")]
+                k_cat, k_new = _concat_update(pk)
+                v_cat, v_new = _concat_update(pv)
+                attn = _attention_of(k_cat, v_cat)
+                q, _k, _v, mask, scale, is_causal, hq, hkv, softcap = attn.args
+                kind = mask_kind(mask, graph, user_inputs)
+                if is_causal or kind != "causal":
+                    raise NoMatch(f"the attention mask is {'is_causal' if is_causal else kind!r}, not the causal "
+                                  "mask built from positions that cached attention rebuilds")
+                layers.append({"layer": i, "pk": pk, "pv": pv, "k_cat": k_cat, "v_cat": v_cat, "k_new": k_new,
+                               "v_new": v_new, "attn": attn, "q": q, "scale": scale, "hq": hq, "hkv": hkv,
+                               "softcap": softcap})
+            except NoMatch as why:
+                misses.append({"layer": i, "reason": str(why)})
+        if misses:
+            reasons = "; ".join(f"layer {m['layer']}: {m['reason']}" for m in misses[:3])
+            return PassResult(program, False, {"rewritten": 0, "misses": misses},
+                              f"nothing done: {len(misses)} of {current.layers} layers do not match ({reasons})")
+
+        fake_mode = torch._guards.detect_fake_mode([_val(by_input[INPUT_IDS])])
+        seq_size = _val(by_input[INPUT_IDS]).shape[1]
+        cache_position = None
+        new_signature = program.ep.graph_signature
+        if o.cache == "static":
+            last_user = placeholders[user_names[-1]]
+            with graph.inserting_after(last_user):
+                cache_position = graph.placeholder(CACHE_POSITION)
+            with fake_mode:
+                cache_position.meta["val"] = torch.empty((seq_size,), dtype=torch.int64)
+            specs = list(program.ep.graph_signature.input_specs)
+            specs.append(InputSpec(kind=InputKind.USER_INPUT, arg=TensorArgument(name=cache_position.name), target=None))
+            new_signature = ExportGraphSignature(input_specs=specs, output_specs=list(program.ep.graph_signature.output_specs))
+
+        window = current.sliding_window or 0
+        # Sizes read from a past tensor: batch stays axis 0; heads/seq/head_dim move with the layout. In a
+        # static buffer the past length is gone; its readers must be dead once the mask is (checked below).
+        length_reads: list[torch.fx.Node] = []
+        axis_map = {0: 0, 1: 1, 2: 2, 3: 3} if o.layout == "bhsd" else {0: 0, 1: 2, 2: 1, 3: 3}
+        for layer in layers:
+            for ph in (layer["pk"], layer["pv"]):
+                for reader in [u for u in ph.users if u.target is aten.sym_size.int]:
+                    axis = reader.args[1] % 4
+                    if axis == 2 and o.cache == "static":
+                        length_reads.append(reader)
+                    else:
+                        reader.args = (ph, axis_map[axis])
+        for layer in layers:
+            for ph in (layer["pk"], layer["pv"]):
+                old = _val(ph)
+                with fake_mode:
+                    length = max_len if o.cache == "static" else old.shape[2]
+                    shape = wanted.shape(old.shape[0], length)
+                    ph.meta["val"] = torch.empty(shape, dtype=wanted.torch_dtype)
+            attn = layer["attn"]
+            args = (layer["q"], layer["k_new"], layer["v_new"], layer["pk"], layer["pv"], cache_position,
+                    float(layer["scale"]), int(layer["hq"]), int(layer["hkv"]), o.layout, o.cache, int(window),
+                    float(layer["softcap"]))
+            with graph.inserting_before(attn):
+                fused = graph.call_function(CACHED_ATTENTION, args)
+                outs = [graph.call_function(operator.getitem, (fused, j)) for j in range(3)]
+            with fake_mode:
+                vals = CACHED_ATTENTION(*(_val(a) if isinstance(a, torch.fx.Node) else a for a in args))
+            fused.meta["val"] = vals
+            for node, val in zip(outs, vals):
+                node.meta["val"] = val
+            for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+                if key in attn.meta:
+                    fused.meta[key] = attn.meta[key]
+            attn.replace_all_uses_with(outs[0])
+            layer["k_cat"].replace_all_uses_with(outs[1])
+            layer["v_cat"].replace_all_uses_with(outs[2])
+            graph.erase_node(attn)
+            graph.erase_node(layer["k_cat"])
+            graph.erase_node(layer["v_cat"])
+        graph.eliminate_dead_code()
+        live = [r for r in length_reads if r.graph is graph and r in graph.nodes and r.users]
+        if live:
+            return PassResult(program, False, {"rewritten": 0, "reason": "past length used"},
+                              f"nothing done: {len(live)} ops use the past length beyond the attention mask, which a "
+                              "static buffer does not have; use cache: concat")
+
+        inputs = []
+        for spec in program.inputs:
+            if spec.name in current.past_names:
+                length = max_len if o.cache == "static" else spec.shape[2]
+                spec = TensorSpec(spec.name, wanted.dtype, wanted.shape(spec.shape[0], length))
+            inputs.append(spec)
+        batch_dim, seq_dim = program.inputs[0].shape[0], program.inputs[0].shape[1]
+        if cache_position is not None:
+            inputs.append(TensorSpec(CACHE_POSITION, "int64", (seq_dim,)))
+        outputs = []
+        for spec in program.outputs:
+            if spec.name in current.present_names:
+                length = max_len if o.cache == "static" else spec.shape[2]
+                spec = TensorSpec(spec.name, wanted.dtype, wanted.shape(batch_dim, length))
+            outputs.append(spec)
+        new = program.with_graph(gm, graph_signature=new_signature, inputs=tuple(inputs), outputs=tuple(outputs),
+                                 kv_layout=wanted.to_dict())
+        stats = {"rewritten": len(layers), "layout": wanted.to_dict(), "misses": [],
+                 "cache_bytes_per_token": wanted.cache_bytes(1, 1) if o.cache == "concat" else None}
+        summary = (f"{len(layers)} layers -> cached_attention; cache {o.cache}, {o.layout}, {o.dtype}"
+                   + (f", {max_len} positions" if o.cache == "static" else ""))
+        return PassResult(new, True, stats, summary)
+

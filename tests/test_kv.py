@@ -1,0 +1,228 @@
+"""Decoder export with an explicit KV cache, the kv.layout pass, GroupQueryAttention lowering and generation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from compilekit.errors import RecipeError
+from compilekit.export import DecoderAdapter, export_program, probe_kv_layout
+from compilekit.generation import Generator, ProgramDecoder
+from compilekit.kvcache import KVLayout
+from compilekit.pipeline import get_pass
+from compilekit.recipe import load_recipe
+from compilekit.targets.onnxruntime import OnnxRuntimeTarget
+from compilekit.verify.llm import greedy_match, hf_greedy
+
+ROOT = Path(__file__).resolve().parents[1]
+COMBOS = [
+    {"layout": "bhsd", "cache": "concat"},
+    {"layout": "bshd", "cache": "concat"},
+    {"layout": "bhsd", "cache": "static"},
+    {"layout": "bshd", "cache": "static"},
+    {"layout": "bhsd", "cache": "static", "dtype": "float16"},
+    {"layout": "bhsd", "cache": "concat", "dtype": "float16"},
+]
+
+
+def _tiny(model_type: str = "llama", **extra):
+    import transformers
+
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256)
+    config = transformers.AutoConfig.for_model(model_type, **{**base, **extra})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _export(model):
+    kv = probe_kv_layout(model)
+    adapter = DecoderAdapter(model, kv)
+    dims = {"batch": SimpleNamespace(min=1, opt=1, max=4), "seq": SimpleNamespace(min=1, opt=8, max=64),
+            "past": SimpleNamespace(min=0, opt=16, max=64)}
+    program = export_program(adapter, adapter.input_specs("batch", "seq"), dims, vocab_size=256)
+    program = replace(program, kv_layout=kv.to_dict())
+    for name in ("cleanup.dead_code", "fuse.norm", "fuse.attention"):
+        program = get_pass(name)()(program).program
+    return adapter, program
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    model = _tiny()
+    adapter, program = _export(model)
+    return model, adapter, program
+
+
+def _step(adapter, batch: int, steps: int, past: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    kv = adapter.kv
+    feed = {"input_ids": torch.randint(0, 256, (batch, steps), generator=gen),
+            "position_ids": torch.arange(past, past + steps).expand(batch, steps)}
+    for name in kv.past_names:
+        feed[name] = torch.randn(batch, kv.kv_heads, past, kv.head_dim, generator=gen)
+    return feed
+
+
+def test_export_has_explicit_cache(decoder):
+    _model, adapter, program = decoder
+    names = [t.name for t in program.inputs]
+    assert names == ["input_ids", "position_ids", "past_key_values.0.key", "past_key_values.0.value",
+                     "past_key_values.1.key", "past_key_values.1.value"]
+    assert [t.name for t in program.outputs] == ["logits", "present.0.key", "present.0.value", "present.1.key",
+                                                 "present.1.value"]
+    assert program.inputs[2].shape == ("batch", 2, "past", 16)
+    # The empty tensor DynamicCache starts from is gone: each layer's update is one cat([past, new]).
+    ops = program.summary().ops
+    assert ops.get("aten.detach_", 0) == 0 and ops["compilekit.attention"] == 2
+
+
+@pytest.mark.parametrize("options", COMBOS, ids=lambda o: "-".join(o.values()))
+def test_kv_layout_structure_and_numbers(decoder, options):
+    _model, adapter, program = decoder
+    result = get_pass("kv.layout")(options)(program)
+    assert result.modified and result.stats["rewritten"] == 2
+    new = result.program
+    ops = new.summary().ops
+    assert ops["compilekit.cached_attention"] == 2 and "compilekit.attention" not in ops
+    layout = KVLayout.from_dict(new.kv_layout)
+    assert layout.in_op and layout.cache == options["cache"] and layout.layout == options["layout"]
+    spec = next(t for t in new.inputs if t.name == "past_key_values.0.key")
+    length = 64 if options["cache"] == "static" else "past"
+    assert spec.shape == layout.shape("batch", length)
+    assert ("cache_position" in [t.name for t in new.inputs]) == (options["cache"] == "static")
+    bound = 5e-3 if options.get("dtype") == "float16" else 1e-5
+    for batch, steps, past in ((2, 5, 0), (2, 1, 7), (1, 3, 4)):
+        feed = _step(adapter, batch, steps, past)
+        want = adapter.named(feed)
+        got = layout.canonical_outputs(new.run(layout.feeds(feed)), feed)
+        for name in want:
+            assert torch.allclose(got[name], want[name], atol=bound, rtol=0), (name, options, (batch, steps, past))
+
+
+def test_kv_layout_leaves_other_programs_alone(decoder, bert):
+    program = bert[0]
+    result = get_pass("kv.layout")({"cache": "static"})(program)
+    assert not result.modified and "explicit KV cache" in result.summary
+    _model, _adapter, dec = decoder
+    once = get_pass("kv.layout")({"cache": "static"})(dec).program
+    again = get_pass("kv.layout")({"layout": "bshd"})(once)
+    assert not again.modified and "once" in again.summary
+
+
+def test_kv_layout_needs_fused_attention():
+    model = _tiny()
+    kv = probe_kv_layout(model)
+    adapter = DecoderAdapter(model, kv)
+    dims = {"batch": SimpleNamespace(min=1, opt=1, max=4), "seq": SimpleNamespace(min=1, opt=8, max=64),
+            "past": SimpleNamespace(min=0, opt=16, max=64)}
+    program = replace(export_program(adapter, adapter.input_specs("batch", "seq"), dims, vocab_size=256),
+                      kv_layout=kv.to_dict())
+    program = get_pass("cleanup.dead_code")()(program).program
+    result = get_pass("kv.layout")({"cache": "static"})(program)
+    assert not result.modified
+    assert all("not fused" in m["reason"] for m in result.stats["misses"]) and len(result.stats["misses"]) == 2
+
+
+@pytest.mark.parametrize("options", COMBOS, ids=lambda o: "-".join(o.values()))
+def test_every_layout_generates_like_hf(decoder, options, tmp_path):
+    """Greedy tokens of the lowered model (ORT GroupQueryAttention, IO binding) equal HF eager generate."""
+    model, _adapter, program = decoder
+    new = get_pass("kv.layout")(options)(program).program
+    target = OnnxRuntimeTarget({})
+    build = target.lower(new, tmp_path)
+    assert build.info["nodes"].get("com.microsoft::GroupQueryAttention") == 2, build.info
+    runner = target.load(tmp_path, threads=1)
+    layout = KVLayout.from_dict(new.kv_layout)
+    prompts = [[5, 17, 42, 99, 3, 7], [200, 1, 2, 3]]
+    want = hf_greedy(model, prompts, 12)
+    ort_gen = Generator(runner.decoder(layout))
+    torch_gen = Generator(ProgramDecoder(new.run, layout))
+    for gen in (ort_gen, torch_gen):
+        got = [gen.generate(torch.tensor([p]), max_new_tokens=12).tokens[0].tolist() for p in prompts]
+        assert greedy_match(want, got)["exact"] == len(prompts), (options, want, got)
+    # Batch of equal-length prompts: same tokens as one at a time.
+    batch = torch.tensor([prompts[0], prompts[0][::-1]])
+    rows = ort_gen.generate(batch, max_new_tokens=8).tokens.tolist()
+    assert rows[0] == want[0][:8]
+    assert rows[1] == hf_greedy(model, [prompts[0][::-1]], 8)[0]
+
+
+def test_static_cache_is_updated_in_place(decoder, tmp_path):
+    _model, _adapter, program = decoder
+    new = get_pass("kv.layout")({"cache": "static"})(program).program
+    target = OnnxRuntimeTarget({})
+    target.lower(new, tmp_path)
+    decoder = target.load(tmp_path, threads=1).decoder(KVLayout.from_dict(new.kv_layout))
+    decoder.start(1)
+    buffers = [v.data_ptr() for v in decoder.past]
+    decoder.step(np.array([[1, 2, 3]]))
+    decoder.step(np.array([[4]]))
+    assert [v.data_ptr() for v in decoder.past] == buffers
+    keys = decoder.past[0].numpy()
+    assert np.abs(keys[:, :, :4]).sum() > 0 and np.abs(keys[:, :, 4:]).sum() == 0
+    assert decoder.cache_bytes == 4 * 1 * 2 * 64 * 16 * 4  # 2 layers x (k, v) x [1, 2, 64, 16] float32
+
+
+def test_generator_sampling_is_seeded(decoder):
+    model, _adapter, program = decoder
+    layout = KVLayout.from_dict(program.kv_layout)
+    gen = Generator(ProgramDecoder(program.run, layout))
+    ids = torch.tensor([[1, 2, 3]])
+    a = gen.generate(ids, max_new_tokens=6, greedy=False, temperature=1.5, top_p=0.9, seed=3).tokens
+    b = gen.generate(ids, max_new_tokens=6, greedy=False, temperature=1.5, top_p=0.9, seed=3).tokens
+    assert torch.equal(a, b)
+    greedy = gen.generate(ids, max_new_tokens=6).tokens
+    assert greedy.tolist() == hf_greedy(model, [[1, 2, 3]], 6)
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("mistral", {"sliding_window": 4}),
+    ("qwen2", {}),
+    ("phi3", {"pad_token_id": 0}),
+])
+def test_other_decoders_generate_like_hf(model_type, extra, tmp_path):
+    model = _tiny(model_type, **extra)
+    _adapter, program = _export(model)
+    result = get_pass("kv.layout")({"cache": "static"})(program)
+    assert result.modified, result.summary
+    new = result.program
+    if model_type == "mistral":
+        assert KVLayout.from_dict(new.kv_layout).sliding_window == 4
+    target = OnnxRuntimeTarget({})
+    target.lower(new, tmp_path)
+    gen = Generator(target.load(tmp_path, threads=1).decoder(KVLayout.from_dict(new.kv_layout)))
+    prompts = [[5, 17, 42, 99, 3, 7, 8, 9]]
+    want = hf_greedy(model, prompts, 10)
+    got = [gen.generate(torch.tensor([p]), max_new_tokens=10).tokens[0].tolist() for p in prompts]
+    assert got == want
+
+
+def test_compile_text_generation_recipe(tmp_path):
+    from compilekit.compile import compile_recipe
+
+    loaded = load_recipe(ROOT / "recipes" / "tiny-llama-kv.yaml")
+    result = compile_recipe(loaded, registry=tmp_path / "reg")
+    manifest = result.manifest
+    assert manifest["status"] == "passed"
+    kv = manifest["signature"]["kv_layout"]
+    assert kv["cache"] == "static" and kv["present_shares_past_buffer"] and kv["cache_position_input"] == "cache_position"
+    names = [row["name"] for row in manifest["passes"]]
+    assert names[:5] == ["export", "cleanup.dead_code", "fuse.norm", "fuse.attention", "kv.layout"]
+    assert manifest["passes"][4]["metrics"]["logits"]["cosine_min"] > 0.9999
+    assert manifest["build"]["nodes"]["com.microsoft::GroupQueryAttention"] == 2
+
+
+def test_text_generation_recipe_needs_a_past_dim(tmp_path):
+    text = (ROOT / "recipes" / "tiny-llama-kv.yaml").read_text().replace(
+        "  past: {min: 0, opt: 64, max: 128}\n", "")
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match="needs a `past` dim"):
+        load_recipe(path)
