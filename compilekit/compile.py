@@ -528,11 +528,15 @@ def inspect_recipe(loaded: LoadedRecipe, *, after: str | None = None, reporter: 
 
 def load_artifact(ref: str, *, registry: Path | None = None, threads: int | None = None,
                   verify: bool = True) -> tuple[Artifact, Any]:
-    """Resolve a stored artifact, check its file digests, and return it with a Runner for its files."""
+    """Resolve a stored artifact (id, prefix, name[:version], or its directory), check its file digests, and
+    return it with a Runner for its files."""
     from .errors import ArtifactError
     from .targets import available_targets, get_target
 
-    artifact = LocalStore(registry or default_store_path()).resolve(ref)
+    if Path(ref).is_dir() and (Path(ref) / "manifest.json").is_file():  # an artifact directory given by path
+        artifact = Artifact.load(Path(ref))
+    else:
+        artifact = LocalStore(registry or default_store_path()).resolve(ref)
     if verify:
         artifact.verify()
     info = artifact.manifest.get("target") or {}

