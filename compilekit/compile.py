@@ -527,7 +527,7 @@ def inspect_recipe(loaded: LoadedRecipe, *, after: str | None = None, reporter: 
 
 
 def load_artifact(ref: str, *, registry: Path | None = None, threads: int | None = None,
-                  verify: bool = True) -> tuple[Artifact, Any]:
+                  verify: bool = True, overrides: dict[str, Any] | None = None) -> tuple[Artifact, Any]:
     """Resolve a stored artifact (id, prefix, name[:version], or its directory), check its file digests, and
     return it with a Runner for its files."""
     from .errors import ArtifactError
@@ -544,5 +544,8 @@ def load_artifact(ref: str, *, registry: Path | None = None, threads: int | None
     if backend not in available_targets():
         raise ArtifactError(f"artifact {artifact.id} was built for target {backend!r}, which this compilekit "
                             f"does not have", hint=f"available targets: {', '.join(available_targets())}")
-    target = get_target(backend)(info.get("options", {}))
+    cls = get_target(backend)
+    # Run-time knobs (threads, spinning) may differ from the build's; only those the target knows apply.
+    known = {k: v for k, v in (overrides or {}).items() if k in cls.Options.model_fields}
+    target = cls({**info.get("options", {}), **known})
     return artifact, target.load(artifact.path, threads=threads)

@@ -182,12 +182,17 @@ def eos_ids(tokenizer: Any, config: Any = None) -> list[int]:
     return sorted(found)
 
 
-def load_generator(ref: str, *, registry: Path | None = None, threads: int | None = None) -> Generator:
-    """A Generator over a stored text-generation artifact (id, name[:version] or artifact directory)."""
+def load_generator(ref: str, *, registry: Path | None = None, threads: int | None = None,
+                   spinning: bool = True) -> Generator:
+    """A Generator over a stored text-generation artifact (id, name[:version] or artifact directory).
+
+    `spinning`: let ORT's worker threads spin between ops. A decode step is hundreds of small ops, and
+    waking sleeping threads for each costs about 10% of decode speed here; it is on by default because a
+    generator owns its process's cores. Turn it off when something else must share them."""
     from .compile import load_artifact
     from .errors import ArtifactError
 
-    artifact, runner = load_artifact(ref, registry=registry, threads=threads)
+    artifact, runner = load_artifact(ref, registry=registry, threads=threads, overrides={"spinning": spinning})
     kv = (artifact.manifest.get("signature") or {}).get("kv_layout")
     if not kv:
         raise ArtifactError(f"artifact {artifact.id} is not a text-generation model (its manifest has no KV cache "

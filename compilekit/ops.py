@@ -163,8 +163,8 @@ register_translation("onnxruntime", torch.ops.aten.rms_norm.default)(_rms_norm_o
 
 
 # ----------------------------------------------------------------------------------- cached attention
-# compilekit::cached_attention(q, k, v, past_k, past_v, cache_position, scale, num_heads, num_kv_heads,
-#                              layout, cache, window, softcap) -> (out, present_k, present_v)
+# compilekit::cached_attention(q, k, v, past_k, past_v, cache_position, cos, sin, scale, num_heads,
+#                              num_kv_heads, layout, cache, window, softcap) -> (out, present_k, present_v)
 #   Attention of a decoder step over its KV cache, with the cache update inside the op, so a target can
 #   use its own cache kernel (ORT GroupQueryAttention) and, for `static`, update the buffer in place.
 #   q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] (this step's keys/values, float32, after rotary);
@@ -174,6 +174,9 @@ register_translation("onnxruntime", torch.ops.aten.rms_norm.default)(_rms_norm_o
 #   `cache_position` ([S] int64); the step's tokens sit at those positions.
 #   Causal: a token at position p attends keys at positions <= p (and > p - window when window > 0).
 #   Stale rows of a static buffer beyond the current position are never attended.
+#   cos/sin: None, or the step's rotary tables [B, S, D] (as transformers computes them from position_ids);
+#   then q and k arrive *before* rotary and the op applies it (rotate-half form: x*cos + rotate_half(x)*sin),
+#   so a target can run rotary inside its attention kernel.
 
 CACHE_LAYOUTS = ("bhsd", "bshd")
 CACHE_KINDS = ("concat", "static")
@@ -187,9 +190,19 @@ def _cache_from_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t if layout == "bhsd" else t.transpose(1, 2)
 
 
-def cached_attention_reference(q, k, v, past_k, past_v, cache_position, scale: float, num_heads: int,
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb on [B, H, S, D] with [B, S, D] tables (rotate-half layout)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def cached_attention_reference(q, k, v, past_k, past_v, cache_position, cos, sin, scale: float, num_heads: int,
                                num_kv_heads: int, layout: str, cache: str, window: int, softcap: float):
     """The semantics of compilekit::cached_attention in eager PyTorch."""
+    if cos is not None:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     seq_axis = 2 if layout == "bhsd" else 1
     new_k = _cache_from_bhsd(k, layout).to(past_k.dtype)
     new_v = _cache_from_bhsd(v, layout).to(past_v.dtype)
@@ -215,16 +228,17 @@ def cached_attention_reference(q, k, v, past_k, past_v, cache_position, scale: f
 
 @torch.library.custom_op("compilekit::cached_attention", mutates_args=())
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                     cache_position: torch.Tensor | None, scale: float, num_heads: int, num_kv_heads: int,
+                     cache_position: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                     scale: float, num_heads: int, num_kv_heads: int,
                      layout: str, cache: str, window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, pk, pv = cached_attention_reference(q, k, v, past_k, past_v, cache_position, scale, num_heads, num_kv_heads,
-                                             layout, cache, window, softcap)
+    out, pk, pv = cached_attention_reference(q, k, v, past_k, past_v, cache_position, cos, sin, scale, num_heads,
+                                             num_kv_heads, layout, cache, window, softcap)
     return out.contiguous(), pk.contiguous(), pv.contiguous()
 
 
 @cached_attention.register_fake
-def _cached_attention_fake(q, k, v, past_k, past_v, cache_position, scale, num_heads, num_kv_heads, layout, cache,
-                           window, softcap):
+def _cached_attention_fake(q, k, v, past_k, past_v, cache_position, cos, sin, scale, num_heads, num_kv_heads, layout,
+                           cache, window, softcap):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if cache == "static":
         return out, past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)
@@ -233,11 +247,13 @@ def _cached_attention_fake(q, k, v, past_k, past_v, cache_position, scale, num_h
     return out, grow(past_k), grow(past_v)
 
 
-def _cached_attention_as_standard(q, k, v, past_k, past_v, cache_position, scale, num_heads, num_kv_heads, layout,
-                                  cache, window, softcap):
+def _cached_attention_as_standard(q, k, v, past_k, past_v, cache_position, cos, sin, scale, num_heads, num_kv_heads,
+                                  layout, cache, window, softcap):
     """Standard form: the cache update in ATen (Concat / ScatterND after export) and compilekit::attention with
     an explicit position mask, which each flavor translates. Used by the tensorrt flavor, whose parser takes
     no contrib ops and whose `Attention` has no past inputs."""
+    if cos is not None:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     seq_axis = 2 if layout == "bhsd" else 1
     new_k = _cache_from_bhsd(k, layout).to(past_k.dtype)
     new_v = _cache_from_bhsd(v, layout).to(past_v.dtype)
@@ -296,8 +312,8 @@ def _register_gqa_schema() -> None:
     onnx.defs.register_schema(schema)
 
 
-def _cached_attention_gqa(q, k, v, past_k, past_v, cache_position, scale: float, num_heads: int, num_kv_heads: int,
-                          layout: str, cache: str, window: int, softcap: float):
+def _cached_attention_gqa(q, k, v, past_k, past_v, cache_position, cos, sin, scale: float, num_heads: int,
+                          num_kv_heads: int, layout: str, cache: str, window: int, softcap: float):
     """onnxruntime flavor: com.microsoft.GroupQueryAttention, which appends (concat) or writes in place
     (static: past and present bound to one buffer) and attends causally up to `seqlens_k`. Its cache is
     BNSH in the compute dtype, so a bshd or float16 cache is transposed / cast around it (and then cannot
@@ -328,9 +344,28 @@ def _cached_attention_gqa(q, k, v, past_k, past_v, cache_position, scale: float,
         attrs["local_window_size"] = window
     if softcap > 0:
         attrs["softcap"] = softcap
+    rotary = []
+    if cos is not None:
+        # GQA applies rotary itself from a [positions, D/2] table indexed by position_ids. The step's own
+        # [B, S, D] tables become that table (row b*S + s), so every row keeps the program's position_ids
+        # exactly; ORT wants at least total_sequence_length rows, hence the zero padding.
+        attrs["do_rotary"] = 1
+        rows = op.Mul(batch, steps)
+        pad = op.Concat(op.Constant(value_ints=[0, 0]), op.Cast(total, to=7), op.Constant(value_ints=[0]), axis=0)
+
+        def table(t):
+            half = op.Slice(t, op.Constant(value_ints=[0]), op.Div(op.Shape(t, start=2, end=3),
+                                                                   op.Constant(value_ints=[2])),
+                            op.Constant(value_ints=[-1]))
+            return op.Pad(op.Reshape(half, op.Concat(rows, op.Constant(value_ints=[-1]), axis=0)), pad)
+
+        positions = op.Reshape(op.Range(op.Constant(value_int=0), op.Squeeze(rows, op.Constant(value_ints=[0])),
+                                        op.Constant(value_int=1)), op.Concat(batch, steps, axis=0))
+        rotary = [table(cos), table(sin), positions]
     # The optional 4th output (output_qk) is declared by the schema and trimmed after export (targets/onnx.py).
     out, present_k, present_v, *_ = msft.GroupQueryAttention(
-        to_bsh(q), to_bsh(k), to_bsh(v), pk, pv, seqlens_k, op.Squeeze(total, op.Constant(value_ints=[0])), **attrs)
+        to_bsh(q), to_bsh(k), to_bsh(v), pk, pv, seqlens_k, op.Squeeze(total, op.Constant(value_ints=[0])), *rotary,
+        **attrs)
     out = op.Transpose(op.Reshape(out, op.Concat(batch, steps, op.Constant(value_ints=[num_heads, -1]), axis=0)),
                        perm=[0, 2, 1, 3])
     present_k, present_v = op.CastLike(present_k, past_k), op.CastLike(present_v, past_v)

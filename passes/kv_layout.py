@@ -67,6 +67,56 @@ def _attention_of(k_cat: torch.fx.Node, v_cat: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
+def _unsqueezed(node: Any, dim: int) -> torch.fx.Node | None:
+    if isinstance(node, torch.fx.Node) and node.target is aten.unsqueeze.default and node.args[1] == dim:
+        return node.args[0]
+    return None
+
+
+def _rotate_half_of(node: Any) -> torch.fx.Node | None:
+    """x if `node` is cat([-x[..., h:], x[..., :h]], -1) (transformers' rotate_half), else None."""
+    if not isinstance(node, torch.fx.Node) or node.target is not aten.cat.default or len(node.args[0]) != 2:
+        return None
+    if (node.args[1] if len(node.args) > 1 else 0) not in (-1, 3):
+        return None
+    neg, first = node.args[0]
+    if not isinstance(neg, torch.fx.Node) or neg.target is not aten.neg.default:
+        return None
+    second = neg.args[0]
+    slices = [first, second]
+    if not all(isinstance(n, torch.fx.Node) and n.target is aten.slice.Tensor and n.args[1] in (-1, 3) for n in slices):
+        return None
+    if first.args[0] is not second.args[0]:
+        return None
+    x = first.args[0]
+    dim = _val(x).shape[-1] if _val(x) is not None else None
+    if not isinstance(dim, int) or first.args[2] != 0 or first.args[3] != dim // 2 or second.args[2] != dim // 2:
+        return None
+    return x
+
+
+def match_rotary(node: Any) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]:
+    """(x, cos, sin) if `node` is x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)."""
+    if not isinstance(node, torch.fx.Node) or node.target is not aten.add.Tensor or len(node.args) < 2:
+        raise NoMatch("not the rotate-half rotary form")
+    found = None
+    for plain, rotated in (node.args[:2], node.args[1::-1]):
+        if not all(isinstance(n, torch.fx.Node) and n.target is aten.mul.Tensor for n in (plain, rotated)):
+            continue
+        for x, c in (plain.args[:2], plain.args[1::-1]):
+            for r, s_ in (rotated.args[:2], rotated.args[1::-1]):
+                cos, sin = _unsqueezed(c, 1), _unsqueezed(s_, 1)
+                if cos is not None and sin is not None and _rotate_half_of(r) is x:
+                    found = (x, cos, sin)
+    if found is None:
+        raise NoMatch("not the rotate-half rotary form")
+    x, cos, sin = found
+    xv, cv = _val(x), _val(cos)
+    if xv is None or cv is None or cv.dim() != 3 or cv.shape[-1] != xv.shape[-1]:
+        raise NoMatch("rotary tables do not cover the whole head (partial rotary)")
+    return found
+
+
 @register_pass
 class KVLayoutPass(Pass):
     name = "kv.layout"
@@ -82,6 +132,8 @@ class KVLayoutPass(Pass):
             "`max_len` positions written at `cache_position`; present shares the past buffer.")
         dtype: Literal["float32", "float16"] = Field("float32", description="Element type of the stored cache.")
         max_len: int | None = Field(None, ge=2, description="static: buffer positions (default: the `past` dim's max).")
+        rotary: bool = Field(True, description="Move the rotate-half rotary embedding of q and k into the op, so the "
+                             "target's attention kernel applies it (ORT GroupQueryAttention do_rotary).")
 
     def call(self, program: Program) -> PassResult:
         if not program.kv_layout:
@@ -108,6 +160,7 @@ class KVLayoutPass(Pass):
 
         layers: list[dict[str, Any]] = []
         misses: list[dict[str, Any]] = []
+        rotary_kept: list[str] = []
         for i in range(current.layers):
             try:
                 pk, pv = by_input[past_name(i, "key")], by_input[past_name(i, "value")]
@@ -119,9 +172,20 @@ class KVLayoutPass(Pass):
                 if is_causal or kind != "causal":
                     raise NoMatch(f"the attention mask is {'is_causal' if is_causal else kind!r}, not the causal "
                                   "mask built from positions that cached attention rebuilds")
+                cos = sin = None
+                if o.rotary:
+                    try:
+                        q_pre, cos, sin = match_rotary(q)
+                        k_pre, k_cos, k_sin = match_rotary(k_new)
+                        if (k_cos, k_sin) != (cos, sin):
+                            raise NoMatch("q and k use different rotary tables")
+                        q, k_new = q_pre, k_pre
+                    except NoMatch as why:
+                        cos = sin = None
+                        rotary_kept.append(f"layer {i}: {why}")
                 layers.append({"layer": i, "pk": pk, "pv": pv, "k_cat": k_cat, "v_cat": v_cat, "k_new": k_new,
                                "v_new": v_new, "attn": attn, "q": q, "scale": scale, "hq": hq, "hkv": hkv,
-                               "softcap": softcap})
+                               "softcap": softcap, "cos": cos, "sin": sin})
             except NoMatch as why:
                 misses.append({"layer": i, "reason": str(why)})
         if misses:
@@ -165,7 +229,7 @@ class KVLayoutPass(Pass):
                     ph.meta["val"] = torch.empty(shape, dtype=wanted.torch_dtype)
             attn = layer["attn"]
             args = (layer["q"], layer["k_new"], layer["v_new"], layer["pk"], layer["pv"], cache_position,
-                    float(layer["scale"]), int(layer["hq"]), int(layer["hkv"]), o.layout, o.cache, int(window),
+                    layer["cos"], layer["sin"], float(layer["scale"]), int(layer["hq"]), int(layer["hkv"]), o.layout, o.cache, int(window),
                     float(layer["softcap"]))
             with graph.inserting_before(attn):
                 fused = graph.call_function(CACHED_ATTENTION, args)
@@ -208,9 +272,13 @@ class KVLayoutPass(Pass):
             outputs.append(spec)
         new = program.with_graph(gm, graph_signature=new_signature, inputs=tuple(inputs), outputs=tuple(outputs),
                                  kv_layout=wanted.to_dict())
-        stats = {"rewritten": len(layers), "layout": wanted.to_dict(), "misses": [],
+        absorbed = sum(1 for layer in layers if layer["cos"] is not None)
+        stats = {"rewritten": len(layers), "layout": wanted.to_dict(), "misses": [], "rotary_in_op": absorbed,
+                 "rotary_kept": rotary_kept,
                  "cache_bytes_per_token": wanted.cache_bytes(1, 1) if o.cache == "concat" else None}
         summary = (f"{len(layers)} layers -> cached_attention; cache {o.cache}, {o.layout}, {o.dtype}"
-                   + (f", {max_len} positions" if o.cache == "static" else ""))
+                   + (f", {max_len} positions" if o.cache == "static" else "")
+                   + (f"; rotary inside the op in {absorbed} layers" if absorbed else "")
+                   + (f"; rotary kept outside in {len(rotary_kept)} ({rotary_kept[0]})" if rotary_kept else ""))
         return PassResult(new, True, stats, summary)
 

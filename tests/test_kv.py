@@ -88,6 +88,7 @@ def test_kv_layout_structure_and_numbers(decoder, options):
     _model, adapter, program = decoder
     result = get_pass("kv.layout")(options)(program)
     assert result.modified and result.stats["rewritten"] == 2
+    assert result.stats["rotary_in_op"] == 2 and not result.stats["rotary_kept"]
     new = result.program
     ops = new.summary().ops
     assert ops["compilekit.cached_attention"] == 2 and "compilekit.attention" not in ops
@@ -104,6 +105,19 @@ def test_kv_layout_structure_and_numbers(decoder, options):
         got = layout.canonical_outputs(new.run(layout.feeds(feed)), feed)
         for name in want:
             assert torch.allclose(got[name], want[name], atol=bound, rtol=0), (name, options, (batch, steps, past))
+
+
+def test_rotary_can_stay_outside(decoder):
+    _model, adapter, program = decoder
+    result = get_pass("kv.layout")({"cache": "static", "rotary": False})(program)
+    assert result.stats["rotary_in_op"] == 0
+    cached = [n for n in result.program.graph.nodes if n.target is torch.ops.compilekit.cached_attention.default]
+    assert all(n.args[6] is None and n.args[7] is None for n in cached)  # no cos/sin: q, k arrive rotated
+    assert result.program.summary().ops["aten.neg"] == 4  # rotate_half of q and k in both layers
+    feed = _step(adapter, 1, 3, 4)
+    layout = KVLayout.from_dict(result.program.kv_layout)
+    got = layout.canonical_outputs(result.program.run(layout.feeds(feed)), feed)
+    assert torch.allclose(got["logits"], adapter.named(feed)["logits"], atol=1e-5, rtol=0)
 
 
 def test_kv_layout_leaves_other_programs_alone(decoder, bert):
