@@ -330,8 +330,11 @@ def _cached_attention_gqa(q, k, v, past_k, past_v, cache_position, cos, sin, sca
         pk, pv = op.Transpose(pk, perm=[0, 2, 1, 3]), op.Transpose(pv, perm=[0, 2, 1, 3])
     # GQA keeps its cache in the compute dtype; CastLike folds away when the dtypes already match.
     pk, pv = op.CastLike(pk, q), op.CastLike(pv, q)
-    batch = op.Shape(q, start=0, end=1)
-    steps = op.Shape(q, start=2, end=3)
+    # Sizes read from a tensor every layer shares (the rotary table, else cache_position), so the per-layer
+    # copies of this bookkeeping are identical and ORT's common-subexpression elimination keeps one.
+    shared = cos if cos is not None else q
+    batch = op.Shape(shared, start=0, end=1)
+    steps = op.Shape(shared, start=1, end=2) if cos is not None else op.Shape(q, start=2, end=3)
     if cache == "concat":
         total = op.Add(op.Shape(pk, start=2, end=3), steps)
     else:
@@ -366,8 +369,7 @@ def _cached_attention_gqa(q, k, v, past_k, past_v, cache_position, cos, sin, sca
     out, present_k, present_v, *_ = msft.GroupQueryAttention(
         to_bsh(q), to_bsh(k), to_bsh(v), pk, pv, seqlens_k, op.Squeeze(total, op.Constant(value_ints=[0])), *rotary,
         **attrs)
-    out = op.Transpose(op.Reshape(out, op.Concat(batch, steps, op.Constant(value_ints=[num_heads, -1]), axis=0)),
-                       perm=[0, 2, 1, 3])
+    out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, num_heads, -1])), perm=[0, 2, 1, 3])
     present_k, present_v = op.CastLike(present_k, past_k), op.CastLike(present_v, past_v)
     if layout == "bshd":
         present_k = op.Transpose(present_k, perm=[0, 2, 1, 3])
