@@ -103,6 +103,8 @@ class OrtDecoder:
       GroupQueryAttention writes the step's keys in place (ORT's past_present_share_buffer mode).
     - concat cache: each present output is left in ORT memory and bound as the next step's past input (the
       op itself still copies past into the longer present: that is what `concat` means).
+
+    For a static cache, `step` returns a logits array that the next step overwrites: use it before stepping.
     """
 
     def __init__(self, session: Any, layout: KVLayout) -> None:
@@ -113,6 +115,9 @@ class OrtDecoder:
         self.batch = 0
         names = {i.name for i in session.get_inputs()}
         self.has_cache_position = CACHE_POSITION in names
+        self.vocab_size = int(next(o for o in session.get_outputs() if o.name == LOGITS).shape[-1])
+        self.io = None
+        self.logits: np.ndarray | None = None
 
     def start(self, batch: int) -> None:
         import onnxruntime as ort
@@ -124,31 +129,46 @@ class OrtDecoder:
                      for _ in lay.past_names]
         self.position = 0
         self.batch = batch
+        self.io = None
+        self.logits = None
+        if lay.cache == "static":
+            # The cache bindings never change: bind them once, and per step rebind only the small inputs and
+            # the logits (a step is ~15 ms; 120 Python-level bind calls would cost several percent of it).
+            self.io = self.session.io_binding()
+            for past, present, value in zip(lay.past_names, lay.present_names, self.past):
+                self.io.bind_ortvalue_input(past, value)
+                self.io.bind_ortvalue_output(present, value)
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
         lay = self.layout
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = ids.shape
         if lay.cache == "static" and self.position + s > (lay.max_len or 0):
             raise ValueError(f"position {self.position + s} is past the static cache ({lay.max_len} positions)")
-        io = self.session.io_binding()
+        positions = np.arange(self.position, self.position + s, dtype=np.int64)
+        io = self.io if self.io is not None else self.session.io_binding()
         io.bind_cpu_input(INPUT_IDS, ids)
-        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(
-            np.broadcast_to(np.arange(self.position, self.position + s, dtype=np.int64), (b, s))))
+        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(np.broadcast_to(positions, (b, s))))
         if self.has_cache_position:
-            io.bind_cpu_input(CACHE_POSITION, np.arange(self.position, self.position + s, dtype=np.int64))
+            io.bind_cpu_input(CACHE_POSITION, positions)
+        if lay.cache == "static":
+            # Logits land in a numpy array we own: no per-step output list, no copy out.
+            if self.logits is None or self.logits.shape[:2] != (b, s):
+                self.logits = np.empty((b, s, self.vocab_size), dtype=np.float32)
+            io.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self.logits))
+            self.session.run_with_iobinding(io)
+            self.position += s
+            return self.logits
         for name, value in zip(lay.past_names, self.past):
             io.bind_ortvalue_input(name, value)
         io.bind_output(LOGITS)
-        for name, value in zip(lay.present_names, self.past):
-            if lay.cache == "static":
-                io.bind_ortvalue_output(name, value)
-            else:
-                io.bind_output(name)
+        for name in lay.present_names:
+            io.bind_output(name)
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
-        if lay.cache == "concat":
-            self.past = list(outputs[1:])
+        self.past = list(outputs[1:])
         self.position += s
         return outputs[0].numpy()
 
@@ -270,6 +290,10 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
         packed = _pack_sibling_matmuls(model)
         if packed:
             counts["packed_matmuls"] = packed
+    if options.pack_matmuls:
+        packed_qkv = _gqa_packed_qkv(model)
+        if packed_qkv:
+            counts["gqa_packed_qkv"] = packed_qkv
     if options.skip_layer_norm == "split":
         split = _split_skip_layer_norm(model)
         if split:
@@ -348,6 +372,65 @@ def _pack_sibling_matmuls(model) -> int:
                 del graph.initializers[weight.name]
         merged += 1
     return merged
+
+
+def _reshape_source(value):
+    """Look through Reshapes: the value a chain of Reshape nodes starts from."""
+    while value is not None and value.producer() is not None and value.producer().op_type == "Reshape" \
+            and value.producer().domain == "" and len(value.uses()) == 1:
+        value = value.producer().inputs[0]
+    return value
+
+
+def _gqa_packed_qkv(model) -> int:
+    """GroupQueryAttention whose query/key/value are the three outputs, in order, of one Split of a packed
+    projection (reshaped only) takes that projection as its packed `query` input, with key and value left
+    empty (GQA's packed-QKV form): the Split and the reshapes go. Returns the nodes rewritten."""
+    import onnx_ir as ir
+
+    rewritten = 0
+    for node in list(model.graph):
+        if node.domain != "com.microsoft" or node.op_type != "GroupQueryAttention" or len(node.inputs) < 3:
+            continue
+        sources = [_reshape_source(v) for v in node.inputs[:3]]
+        split = sources[0].producer() if sources[0] is not None else None
+        if split is None or split.op_type != "Split" or split.domain != "" or \
+                [s for s in sources] != list(split.outputs[:3]) or len(split.outputs) != 3:
+            continue
+        axis = split.attributes.get("axis")
+        packed = split.inputs[0]
+        rank = len(packed.shape) if packed.shape is not None else None
+        first = split.outputs[0].shape
+        rank = rank if rank is not None else (len(first) if first is not None else None)
+        if axis is None or axis.value not in (-1, 2) or (rank is not None and rank != 3) or \
+                (rank is None and axis.value != -1):
+            continue
+        if any(len(out.uses()) != 1 for out in split.outputs):
+            continue
+        inputs = list(node.inputs)
+        unpacked = inputs[:3]
+        inputs[0], inputs[1], inputs[2] = packed, None, None
+        new = ir.Node(node.domain, node.op_type, inputs, node.attributes.values(), num_outputs=len(node.outputs),
+                      name=node.name)
+        model.graph.insert_before(node, new)
+        for old_value, new_value in zip(node.outputs, new.outputs):
+            new_value.shape, new_value.type = old_value.shape, old_value.type
+            name = old_value.name
+            old_value.replace_all_uses_with(new_value, replace_graph_outputs=True)
+            old_value.name = None
+            new_value.name = name
+        model.graph.remove(node, safe=True)
+        # The reshapes and the Split that fed it are now dead: consumers before producers.
+        dead = []
+        for value in unpacked:
+            while value is not None and value.producer() is not None and value.producer() is not split:
+                dead.append(value.producer())
+                value = value.producer().inputs[0]
+        for stale in [*dead, split]:
+            if stale.graph is model.graph and not any(o.uses() or o.is_graph_output() for o in stale.outputs):
+                model.graph.remove(stale, safe=True)
+        rewritten += 1
+    return rewritten
 
 
 _ORT_DEFAULT_DOMAIN_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
