@@ -240,3 +240,33 @@ def test_text_generation_recipe_needs_a_past_dim(tmp_path):
     path.write_text(text)
     with pytest.raises(RecipeError, match="needs a `past` dim"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("options", [{"cache": "concat"}, {"cache": "static"}], ids=lambda o: o["cache"])
+def test_tensorrt_flavor_is_standard_onnx_with_cache_pairs(decoder, options, tmp_path):
+    """tensorrt flavor: no contrib ops; the cache stays an input/output pair per tensor; ORT runs the same
+    standard ONNX and it matches eager on a prefill and a decode step."""
+    import onnx
+    import onnxruntime as ort
+
+    from compilekit.targets.onnx import lower_to_onnx
+
+    _model, adapter, program = decoder
+    new = get_pass("kv.layout")(options)(program).program
+    path = tmp_path / "model.onnx"
+    lower_to_onnx(new, path, opset=23, flavor="tensorrt")
+    model = onnx.load(str(path))
+    domains = {n.domain for n in model.graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+    assert sum(n.op_type == "Attention" for n in model.graph.node) == 2
+    assert [o.name for o in model.graph.output][1:] == [t.name for t in new.outputs][1:]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    layout = KVLayout.from_dict(new.kv_layout)
+    for batch, steps, past in ((2, 5, 0), (2, 1, 7)):
+        feed = _step(adapter, batch, steps, past)
+        want = adapter.named(feed)
+        feeds = {k: v.numpy() for k, v in layout.feeds(feed).items()}
+        out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        got = layout.canonical_outputs(out, feed)
+        for name in want:
+            assert torch.allclose(torch.as_tensor(got[name]), want[name], atol=1e-4, rtol=0), (name, options)
