@@ -9,6 +9,9 @@ so a runtime knows how to feed the compiled model. The export gives the canonica
 - `static`: the past is a preallocated buffer of `max_len` positions; the program writes the new keys at
   `cache_position` and returns the whole buffer as the present. A runtime can bind present to the same
   memory as past, so decode copies no cache.
+- `paged`: the past is a pool of `num_blocks` blocks of `block_size` positions ([blocks, kv_heads,
+  block_size, head_dim]) shared by all sequences; `block_table` [batch, max_len / block_size] lists each
+  sequence's blocks. The present is the pool, written at `cache_position`, and shares its buffer.
 
 Conversions between the canonical form and a layout live here, so the pass ledger, the accuracy check and
 the generation runner all feed a program the same way, whatever its layout.
@@ -24,6 +27,7 @@ import torch
 
 POSITION_IDS = "position_ids"
 CACHE_POSITION = "cache_position"
+BLOCK_TABLE = "block_table"
 INPUT_IDS = "input_ids"
 LOGITS = "logits"
 
@@ -45,9 +49,11 @@ class KVLayout:
     kv_heads: int
     head_dim: int
     layout: Literal["bhsd", "bshd"] = "bhsd"
-    cache: Literal["concat", "static"] = "concat"
+    cache: Literal["concat", "static", "paged"] = "concat"
     dtype: Literal["float32", "float16"] = "float32"
-    max_len: int | None = None          # static: positions in the buffer
+    max_len: int | None = None          # static / paged: positions per sequence
+    block_size: int | None = None       # paged: positions per block
+    num_blocks: int | None = None       # paged: blocks in the pool
     sliding_window: int | None = None   # the model's attention window, if it has one
     in_op: bool = False                 # the update runs inside compilekit::cached_attention (kv.layout ran)
 
@@ -68,6 +74,13 @@ class KVLayout:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
+    @property
+    def blocks_per_sequence(self) -> int:
+        return -(-(self.max_len or 0) // (self.block_size or 1))
+
+    def pool_shape(self) -> tuple[int, ...]:
+        return (self.num_blocks or 0, self.kv_heads, self.block_size or 0, self.head_dim)
+
     def shape(self, batch: int | str, length: int | str) -> tuple[int | str, ...]:
         if self.layout == "bhsd":
             return (batch, self.kv_heads, length, self.head_dim)
@@ -76,8 +89,9 @@ class KVLayout:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "past_inputs": self.past_names, "present_outputs": self.present_names,
                 "position_input": POSITION_IDS,
-                "cache_position_input": CACHE_POSITION if self.cache == "static" else None,
-                "present_shares_past_buffer": self.cache == "static"}
+                "cache_position_input": CACHE_POSITION if self.cache in ("static", "paged") else None,
+                "block_table_input": BLOCK_TABLE if self.cache == "paged" else None,
+                "present_shares_past_buffer": self.cache in ("static", "paged")}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KVLayout:
@@ -89,8 +103,18 @@ class KVLayout:
 
     def cache_bytes(self, batch: int, length: int) -> int:
         """Bytes of keys and values for `batch` sequences of `length` positions (static: the buffer)."""
+        if self.cache == "paged":
+            return 2 * self.layers * int(torch.tensor(self.pool_shape()).prod()) * self.torch_dtype.itemsize
         positions = self.max_len if self.cache == "static" and self.max_len else length
         return 2 * self.layers * batch * self.kv_heads * positions * self.head_dim * self.torch_dtype.itemsize
+
+    def block_table(self, batch: int) -> torch.Tensor:
+        """The simplest allocation: sequence b owns blocks [b * n, (b + 1) * n), n = max_len / block_size."""
+        n = self.blocks_per_sequence
+        if batch * n > (self.num_blocks or 0):
+            raise ValueError(f"{batch} sequences of {self.max_len} positions need {batch * n} blocks; the pool "
+                             f"has {self.num_blocks}")
+        return torch.arange(batch * n, dtype=torch.int64).view(batch, n)
 
     # --------------------------------------------------------------------------------- conversions
     def from_canonical(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -107,6 +131,22 @@ class KVLayout:
         out = {k: v for k, v in canonical.items() if k not in self.past_names}
         past_len = canonical[self.past_names[0]].shape[2]
         steps = canonical[INPUT_IDS].shape[1]
+        if self.cache == "paged":
+            if past_len + steps > (self.max_len or 0):
+                raise ValueError(f"{past_len} past + {steps} new positions exceed {self.max_len} positions")
+            batch = canonical[INPUT_IDS].shape[0]
+            table = self.block_table(batch)
+            for name in self.past_names:
+                pool = torch.zeros(self.pool_shape(), dtype=self.torch_dtype)
+                seq = torch.zeros(batch, self.kv_heads, self.blocks_per_sequence * self.block_size, self.head_dim,
+                                  dtype=self.torch_dtype)
+                seq[:, :, :past_len] = canonical[name].to(self.torch_dtype)
+                blocks = seq.view(batch, self.kv_heads, self.blocks_per_sequence, self.block_size, self.head_dim)
+                pool[table] = blocks.permute(0, 2, 1, 3, 4)
+                out[name] = pool
+            out[CACHE_POSITION] = torch.arange(past_len, past_len + steps, dtype=torch.int64)
+            out[BLOCK_TABLE] = table
+            return out
         for name in self.past_names:
             past = self.from_canonical(canonical[name])
             if self.cache == "static":
@@ -129,6 +169,12 @@ class KVLayout:
         for name in self.present_names:
             value = outputs[name]
             tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
+            if self.cache == "paged":
+                batch = canonical_inputs[INPUT_IDS].shape[0]
+                seq = tensor[self.block_table(batch)]  # [B, blocks, H, bs, D]
+                seq = seq.permute(0, 2, 1, 3, 4).reshape(batch, self.kv_heads, -1, self.head_dim)
+                out[name] = seq[:, :, :total].to(torch.float32)
+                continue
             if self.cache == "static":
                 tensor = tensor.narrow(self.seq_axis, 0, total)
             out[name] = self.to_canonical(tensor)

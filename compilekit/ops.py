@@ -378,3 +378,83 @@ def _cached_attention_gqa(q, k, v, past_k, past_v, cache_position, cos, sin, sca
 
 
 register_translation("onnxruntime", torch.ops.compilekit.cached_attention.default)(_cached_attention_gqa)
+
+
+# ------------------------------------------------------------------------------------ paged attention
+# compilekit::paged_attention(q, k, v, pool_k, pool_v, block_table, cache_position, cos, sin, scale,
+#                             num_heads, num_kv_heads, block_size, window, softcap) -> (out, pool_k, pool_v)
+#   The cache is a pool of fixed-size blocks shared by all sequences: pool_k/pool_v [num_blocks, Hkv,
+#   block_size, D]. block_table [B, max_blocks] (int64) lists each sequence's blocks in order, so position p
+#   of sequence b lives in block block_table[b, p // block_size] at row p % block_size. The step's keys and
+#   values are written at `cache_position` ([S], shared by the batch); the returned pools share the input
+#   pools' buffers at run time. Attention and rotary are as in cached_attention.
+
+
+def _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position, block_size: int):
+    b, _, s, _ = k.shape
+    blocks = block_table[:, torch.div(cache_position, block_size, rounding_mode="floor")]  # [B, S]
+    rows = torch.remainder(cache_position, block_size).expand(b, s)                         # [B, S]
+    new_k = k.transpose(1, 2).to(pool_k.dtype)                                              # [B, S, Hkv, D]
+    new_v = v.transpose(1, 2).to(pool_v.dtype)
+    present_k = pool_k.transpose(1, 2).index_put((blocks, rows), new_k).transpose(1, 2)
+    present_v = pool_v.transpose(1, 2).index_put((blocks, rows), new_v).transpose(1, 2)
+
+    def gather(pool):  # [B, max_blocks, Hkv, bs, D] -> [B, Hkv, max_blocks * bs, D]
+        seq = pool[block_table]
+        return seq.permute(0, 2, 1, 3, 4).reshape(b, pool.shape[1], -1, pool.shape[-1])
+
+    return present_k, present_v, gather(present_k), gather(present_v)
+
+
+def paged_attention_reference(q, k, v, pool_k, pool_v, block_table, cache_position, cos, sin, scale: float,
+                              num_heads: int, num_kv_heads: int, block_size: int, window: int, softcap: float):
+    """The semantics of compilekit::paged_attention in eager PyTorch (also its standard lowering)."""
+    if cos is not None:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    present_k, present_v, keys, values = _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position,
+                                                                  block_size)
+    key_positions = torch.arange(keys.shape[2], device=q.device)
+    mask = key_positions[None, :] <= cache_position[:, None]
+    if window > 0:
+        mask = mask & (key_positions[None, :] > cache_position[:, None] - window)
+    out = attention_reference(q, keys.to(q.dtype), values.to(q.dtype), mask, scale, False, num_heads, num_kv_heads,
+                              softcap)
+    return out, present_k, present_v
+
+
+@torch.library.custom_op("compilekit::paged_attention", mutates_args=())
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
+                    block_table: torch.Tensor, cache_position: torch.Tensor, cos: torch.Tensor | None,
+                    sin: torch.Tensor | None, scale: float, num_heads: int, num_kv_heads: int, block_size: int,
+                    window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, pk, pv = paged_attention_reference(q, k, v, pool_k, pool_v, block_table, cache_position, cos, sin, scale,
+                                            num_heads, num_kv_heads, block_size, window, softcap)
+    return out.contiguous(), pk.contiguous(), pv.contiguous()
+
+
+@paged_attention.register_fake
+def _paged_attention_fake(q, k, v, pool_k, pool_v, block_table, cache_position, cos, sin, scale, num_heads,
+                          num_kv_heads, block_size, window, softcap):
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), pool_k.new_empty(pool_k.shape), pool_v.new_empty(pool_v.shape)
+
+
+def _paged_attention_standard(q, k, v, pool_k, pool_v, block_table, cache_position, cos, sin, scale, num_heads,
+                              num_kv_heads, block_size, window, softcap):
+    """Both flavors: the block update and gather in ATen (ScatterND / Gather after export) and
+    compilekit::attention with a position mask. Neither ORT's CPU kernels nor TensorRT's parser have a
+    paged attention op, so this is the form both run."""
+    if cos is not None:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    present_k, present_v, keys, values = _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position,
+                                                                  block_size)
+    key_positions = torch.arange(keys.shape[2], device=q.device)
+    mask = key_positions[None, :] <= cache_position[:, None]
+    if window > 0:
+        mask = mask & (key_positions[None, :] > cache_position[:, None] - window)
+    out = torch.ops.compilekit.attention(q, keys.to(q.dtype), values.to(q.dtype), mask[None, None], scale, False,
+                                         num_heads, num_kv_heads, softcap)
+    return out, present_k, present_v
+
+
+for _flavor in FLAVORS:
+    register_decomposition(_flavor, torch.ops.compilekit.paged_attention.default)(_paged_attention_standard)

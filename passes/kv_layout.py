@@ -27,7 +27,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 
 import compilekit.ops  # noqa: F401  (declares torch.ops.compilekit.cached_attention)
 from compilekit.ir import Program, TensorSpec
-from compilekit.kvcache import CACHE_POSITION, INPUT_IDS, KVLayout, past_name
+from compilekit.kvcache import BLOCK_TABLE, CACHE_POSITION, INPUT_IDS, KVLayout, past_name
 from compilekit.passes.fuse_attention import mask_kind
 from compilekit.pipeline import NoMatch, Pass, PassOptions, PassResult, register_pass
 from compilekit.pipeline import node_value as _val
@@ -35,6 +35,7 @@ from compilekit.pipeline import node_value as _val
 aten = torch.ops.aten
 ATTENTION = torch.ops.compilekit.attention.default
 CACHED_ATTENTION = torch.ops.compilekit.cached_attention.default
+PAGED_ATTENTION = torch.ops.compilekit.paged_attention.default
 
 
 def _concat_update(past: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
@@ -127,11 +128,17 @@ class KVLayoutPass(Pass):
         layout: Literal["bhsd", "bshd"] = Field(
             "bhsd", description="Axis order of cache tensors: bhsd = [batch, kv_heads, seq, head_dim] (what ORT's "
             "GroupQueryAttention and TensorRT take), bshd = [batch, seq, kv_heads, head_dim].")
-        cache: Literal["concat", "static"] = Field(
+        cache: Literal["concat", "static", "paged"] = Field(
             "concat", description="concat: present = past + new, a new tensor each step. static: a buffer of "
-            "`max_len` positions written at `cache_position`; present shares the past buffer.")
+            "`max_len` positions written at `cache_position`; present shares the past buffer. paged: a pool of "
+            "`num_blocks` blocks of `block_size` positions with a `block_table` input (bhsd only; lowered to "
+            "standard ops on both targets).")
         dtype: Literal["float32", "float16"] = Field("float32", description="Element type of the stored cache.")
-        max_len: int | None = Field(None, ge=2, description="static: buffer positions (default: the `past` dim's max).")
+        max_len: int | None = Field(None, ge=2, description="static/paged: positions per sequence (default: the `past` "
+                                    "dim's max).")
+        block_size: int = Field(16, ge=1, description="paged: positions per block.")
+        num_blocks: int | None = Field(None, ge=1, description="paged: blocks in the pool (default: enough for the "
+                                       "batch dim's max of full-length sequences).")
         rotary: bool = Field(True, description="Move the rotate-half rotary embedding of q and k into the op, so the "
                              "target's attention kernel applies it (ORT GroupQueryAttention do_rotary).")
 
@@ -141,15 +148,25 @@ class KVLayoutPass(Pass):
                               "nothing to do: not a decoder program with an explicit KV cache (task text-generation)")
         current = KVLayout.from_dict(program.kv_layout)
         o = self.options
-        max_len = o.max_len or next((d.max for d in program.dims if d.name == "past"), None) if o.cache == "static" else None
-        wanted = current.with_changes(layout=o.layout, cache=o.cache, dtype=o.dtype, max_len=max_len, in_op=True)
+        fixed = o.cache in ("static", "paged")  # the past length is not a tensor dim any more
+        max_len = (o.max_len or next((d.max for d in program.dims if d.name == "past"), None)) if fixed else None
+        changes: dict[str, Any] = {}
+        if o.cache == "paged":
+            if o.layout != "bhsd":
+                return PassResult(program, False, {"reason": "paged needs bhsd"},
+                                  "nothing done: the paged cache is built for layout bhsd only")
+            batch_max = next((d.max for d in program.dims if d.name == program.inputs[0].shape[0]), 1)
+            per_sequence = -(-(max_len or 0) // o.block_size)
+            changes = {"block_size": o.block_size, "num_blocks": o.num_blocks or batch_max * per_sequence}
+        wanted = current.with_changes(layout=o.layout, cache=o.cache, dtype=o.dtype, max_len=max_len, in_op=True,
+                                      **changes)
         if current.in_op:
             return PassResult(program, False, {"reason": "already rewritten"},
                               f"nothing done: the cache is already {current.cache}/{current.layout}/{current.dtype}; "
                               "kv.layout rewrites the exported (canonical) cache once")
-        if o.cache == "static" and max_len is None:
+        if fixed and max_len is None:
             return PassResult(program, False, {"reason": "no max_len"},
-                              "nothing done: static cache needs `max_len` (or a `past` dim whose max gives it)")
+                              f"nothing done: a {o.cache} cache needs `max_len` (or a `past` dim whose max gives it)")
 
         gm = program.copy_graph()
         graph = gm.graph
@@ -195,16 +212,24 @@ class KVLayoutPass(Pass):
 
         fake_mode = torch._guards.detect_fake_mode([_val(by_input[INPUT_IDS])])
         seq_size = _val(by_input[INPUT_IDS]).shape[1]
-        cache_position = None
+        cache_position = block_table = None
         new_signature = program.ep.graph_signature
-        if o.cache == "static":
-            last_user = placeholders[user_names[-1]]
-            with graph.inserting_after(last_user):
-                cache_position = graph.placeholder(CACHE_POSITION)
-            with fake_mode:
-                cache_position.meta["val"] = torch.empty((seq_size,), dtype=torch.int64)
+        if fixed:
             specs = list(program.ep.graph_signature.input_specs)
-            specs.append(InputSpec(kind=InputKind.USER_INPUT, arg=TensorArgument(name=cache_position.name), target=None))
+            last = placeholders[user_names[-1]]
+            added = [(CACHE_POSITION, (seq_size,))]
+            if o.cache == "paged":
+                added.append((BLOCK_TABLE, (_val(by_input[INPUT_IDS]).shape[0], wanted.blocks_per_sequence)))
+            new_nodes = []
+            for name, shape in added:
+                with graph.inserting_after(last):
+                    last = graph.placeholder(name)
+                with fake_mode:
+                    last.meta["val"] = torch.empty(shape, dtype=torch.int64)
+                specs.append(InputSpec(kind=InputKind.USER_INPUT, arg=TensorArgument(name=last.name), target=None))
+                new_nodes.append(last)
+            cache_position = new_nodes[0]
+            block_table = new_nodes[1] if o.cache == "paged" else None
             new_signature = ExportGraphSignature(input_specs=specs, output_specs=list(program.ep.graph_signature.output_specs))
 
         window = current.sliding_window or 0
@@ -216,26 +241,34 @@ class KVLayoutPass(Pass):
             for ph in (layer["pk"], layer["pv"]):
                 for reader in [u for u in ph.users if u.target is aten.sym_size.int]:
                     axis = reader.args[1] % 4
-                    if axis == 2 and o.cache == "static":
+                    if axis == 2 and fixed:
                         length_reads.append(reader)
+                    elif axis == 0 and o.cache == "paged":
+                        reader.args = (by_input[INPUT_IDS], 0)  # a pool's first dim is blocks, not batch
                     else:
                         reader.args = (ph, axis_map[axis])
         for layer in layers:
             for ph in (layer["pk"], layer["pv"]):
                 old = _val(ph)
                 with fake_mode:
-                    length = max_len if o.cache == "static" else old.shape[2]
-                    shape = wanted.shape(old.shape[0], length)
+                    if o.cache == "paged":
+                        shape = wanted.pool_shape()
+                    else:
+                        shape = wanted.shape(old.shape[0], max_len if fixed else old.shape[2])
                     ph.meta["val"] = torch.empty(shape, dtype=wanted.torch_dtype)
             attn = layer["attn"]
-            args = (layer["q"], layer["k_new"], layer["v_new"], layer["pk"], layer["pv"], cache_position,
-                    layer["cos"], layer["sin"], float(layer["scale"]), int(layer["hq"]), int(layer["hkv"]), o.layout, o.cache, int(window),
-                    float(layer["softcap"]))
+            common = (layer["cos"], layer["sin"], float(layer["scale"]), int(layer["hq"]), int(layer["hkv"]))
+            tail = (int(window), float(layer["softcap"]))
+            head = (layer["q"], layer["k_new"], layer["v_new"], layer["pk"], layer["pv"])
+            if o.cache == "paged":
+                target, args = PAGED_ATTENTION, (*head, block_table, cache_position, *common, o.block_size, *tail)
+            else:
+                target, args = CACHED_ATTENTION, (*head, cache_position, *common, o.layout, o.cache, *tail)
             with graph.inserting_before(attn):
-                fused = graph.call_function(CACHED_ATTENTION, args)
+                fused = graph.call_function(target, args)
                 outs = [graph.call_function(operator.getitem, (fused, j)) for j in range(3)]
             with fake_mode:
-                vals = CACHED_ATTENTION(*(_val(a) if isinstance(a, torch.fx.Node) else a for a in args))
+                vals = target(*(_val(a) if isinstance(a, torch.fx.Node) else a for a in args))
             fused.meta["val"] = vals
             for node, val in zip(outs, vals):
                 node.meta["val"] = val
@@ -253,31 +286,33 @@ class KVLayoutPass(Pass):
         if live:
             return PassResult(program, False, {"rewritten": 0, "reason": "past length used"},
                               f"nothing done: {len(live)} ops use the past length beyond the attention mask, which a "
-                              "static buffer does not have; use cache: concat")
+                              f"{o.cache} cache does not have; use cache: concat")
 
-        inputs = []
-        for spec in program.inputs:
-            if spec.name in current.past_names:
-                length = max_len if o.cache == "static" else spec.shape[2]
-                spec = TensorSpec(spec.name, wanted.dtype, wanted.shape(spec.shape[0], length))
-            inputs.append(spec)
         batch_dim, seq_dim = program.inputs[0].shape[0], program.inputs[0].shape[1]
+
+        def cache_shape(spec: TensorSpec) -> tuple:
+            if o.cache == "paged":
+                return wanted.pool_shape()
+            return wanted.shape(batch_dim, max_len if fixed else spec.shape[2])
+
+        inputs = [TensorSpec(s_.name, wanted.dtype, cache_shape(s_)) if s_.name in current.past_names else s_
+                  for s_ in program.inputs]
         if cache_position is not None:
             inputs.append(TensorSpec(CACHE_POSITION, "int64", (seq_dim,)))
-        outputs = []
-        for spec in program.outputs:
-            if spec.name in current.present_names:
-                length = max_len if o.cache == "static" else spec.shape[2]
-                spec = TensorSpec(spec.name, wanted.dtype, wanted.shape(batch_dim, length))
-            outputs.append(spec)
+        if block_table is not None:
+            inputs.append(TensorSpec(BLOCK_TABLE, "int64", (batch_dim, wanted.blocks_per_sequence)))
+        outputs = [TensorSpec(s_.name, wanted.dtype, cache_shape(s_)) if s_.name in current.present_names else s_
+                   for s_ in program.outputs]
         new = program.with_graph(gm, graph_signature=new_signature, inputs=tuple(inputs), outputs=tuple(outputs),
                                  kv_layout=wanted.to_dict())
         absorbed = sum(1 for layer in layers if layer["cos"] is not None)
         stats = {"rewritten": len(layers), "layout": wanted.to_dict(), "misses": [], "rotary_in_op": absorbed,
                  "rotary_kept": rotary_kept,
                  "cache_bytes_per_token": wanted.cache_bytes(1, 1) if o.cache == "concat" else None}
-        summary = (f"{len(layers)} layers -> cached_attention; cache {o.cache}, {o.layout}, {o.dtype}"
+        summary = (f"{len(layers)} layers -> {'paged' if o.cache == 'paged' else 'cached'}_attention; cache {o.cache}, "
+                   f"{o.layout}, {o.dtype}"
                    + (f", {max_len} positions" if o.cache == "static" else "")
+                   + (f", {wanted.num_blocks} blocks of {o.block_size}" if o.cache == "paged" else "")
                    + (f"; rotary inside the op in {absorbed} layers" if absorbed else "")
                    + (f"; rotary kept outside in {len(rotary_kept)} ({rotary_kept[0]})" if rotary_kept else ""))
         return PassResult(new, True, stats, summary)

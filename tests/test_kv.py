@@ -27,7 +27,13 @@ COMBOS = [
     {"layout": "bshd", "cache": "static"},
     {"layout": "bhsd", "cache": "static", "dtype": "float16"},
     {"layout": "bhsd", "cache": "concat", "dtype": "float16"},
+    {"layout": "bhsd", "cache": "paged", "block_size": 8},
+    {"layout": "bhsd", "cache": "paged", "block_size": 5, "dtype": "float16"},
 ]
+
+
+def _ids(options):
+    return "-".join(str(v) for v in options.values())
 
 
 def _tiny(model_type: str = "llama", **extra):
@@ -83,7 +89,7 @@ def test_export_has_explicit_cache(decoder):
     assert ops.get("aten.detach_", 0) == 0 and ops["compilekit.attention"] == 2
 
 
-@pytest.mark.parametrize("options", COMBOS, ids=lambda o: "-".join(o.values()))
+@pytest.mark.parametrize("options", COMBOS, ids=_ids)
 def test_kv_layout_structure_and_numbers(decoder, options):
     _model, adapter, program = decoder
     result = get_pass("kv.layout")(options)(program)
@@ -91,13 +97,19 @@ def test_kv_layout_structure_and_numbers(decoder, options):
     assert result.stats["rotary_in_op"] == 2 and not result.stats["rotary_kept"]
     new = result.program
     ops = new.summary().ops
-    assert ops["compilekit.cached_attention"] == 2 and "compilekit.attention" not in ops
+    op = "compilekit.paged_attention" if options["cache"] == "paged" else "compilekit.cached_attention"
+    assert ops[op] == 2 and "compilekit.attention" not in ops
     layout = KVLayout.from_dict(new.kv_layout)
     assert layout.in_op and layout.cache == options["cache"] and layout.layout == options["layout"]
     spec = next(t for t in new.inputs if t.name == "past_key_values.0.key")
-    length = 64 if options["cache"] == "static" else "past"
-    assert spec.shape == layout.shape("batch", length)
-    assert ("cache_position" in [t.name for t in new.inputs]) == (options["cache"] == "static")
+    if options["cache"] == "paged":  # a pool: 4 sequences (batch max) x 64 positions in blocks
+        blocks = 4 * -(-64 // options["block_size"])
+        assert spec.shape == (blocks, 2, options["block_size"], 16) == layout.pool_shape()
+        assert next(t for t in new.inputs if t.name == "block_table").shape == ("batch", -(-64 // options["block_size"]))
+    else:
+        assert spec.shape == layout.shape("batch", 64 if options["cache"] == "static" else "past")
+    names = [t.name for t in new.inputs]
+    assert ("cache_position" in names) == (options["cache"] != "concat")
     bound = 5e-3 if options.get("dtype") == "float16" else 1e-5
     for batch, steps, past in ((2, 5, 0), (2, 1, 7), (1, 3, 4)):
         feed = _step(adapter, batch, steps, past)
@@ -144,14 +156,17 @@ def test_kv_layout_needs_fused_attention():
     assert all("not fused" in m["reason"] for m in result.stats["misses"]) and len(result.stats["misses"]) == 2
 
 
-@pytest.mark.parametrize("options", COMBOS, ids=lambda o: "-".join(o.values()))
+@pytest.mark.parametrize("options", COMBOS, ids=_ids)
 def test_every_layout_generates_like_hf(decoder, options, tmp_path):
     """Greedy tokens of the lowered model (ORT GroupQueryAttention, IO binding) equal HF eager generate."""
     model, _adapter, program = decoder
     new = get_pass("kv.layout")(options)(program).program
     target = OnnxRuntimeTarget({})
     build = target.lower(new, tmp_path)
-    assert build.info["nodes"].get("com.microsoft::GroupQueryAttention") == 2, build.info
+    if options["cache"] == "paged":  # no paged kernel on ORT CPU: standard scatter / gather / softmax
+        assert build.info["nodes"].get("ScatterND") == 4 and "com.microsoft::GroupQueryAttention" not in build.info["nodes"]
+    else:
+        assert build.info["nodes"].get("com.microsoft::GroupQueryAttention") == 2, build.info
     runner = target.load(tmp_path, threads=1)
     layout = KVLayout.from_dict(new.kv_layout)
     prompts = [[5, 17, 42, 99, 3, 7], [200, 1, 2, 3]]

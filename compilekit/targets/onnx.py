@@ -49,10 +49,13 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
     if external_data is None:
         external_data = program.summary().parameter_bytes > EXTERNAL_DATA_BYTES
     ep = program.ep
-    wanted = {op: fn for op, fn in decompositions.items() if op in used}
-    if wanted:
-        # This flavor lowers these ops by rewriting them into ATen that the exporter and ONNX-level
-        # fusions already turn into the fastest form (ops.register_decomposition).
+    # This flavor lowers these ops by rewriting them into ATen that the exporter and ONNX-level fusions
+    # already turn into the fastest form (ops.register_decomposition). A decomposition may emit another
+    # compilekit op (paged attention -> attention), so repeat until none is left to decompose.
+    for _ in range(len(decompositions) + 1):
+        wanted = {op: fn for op, fn in decompositions.items() if op in ops.compilekit_ops_in(ep.graph)}
+        if not wanted:
+            break
         ep = ep.run_decompositions(wanted)
     try:
         with quiet_exporter():

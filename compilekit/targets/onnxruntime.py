@@ -14,7 +14,7 @@ from pydantic import Field
 
 from ..errors import ArtifactError, LoweringError
 from ..ir import Program
-from ..kvcache import CACHE_POSITION, INPUT_IDS, LOGITS, POSITION_IDS, KVLayout, example_steps
+from ..kvcache import BLOCK_TABLE, CACHE_POSITION, INPUT_IDS, LOGITS, POSITION_IDS, KVLayout, example_steps
 from . import BuildResult, Runner, Target, TargetOptions
 from .onnx import lower_to_onnx
 
@@ -125,19 +125,22 @@ class OrtDecoder:
         lay = self.layout
         length = lay.max_len if lay.cache == "static" else 0
         dtype = np.float16 if lay.dtype == "float16" else np.float32
-        self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(lay.shape(batch, length), dtype=dtype))
-                     for _ in lay.past_names]
+        shape = lay.pool_shape() if lay.cache == "paged" else lay.shape(batch, length)
+        self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype)) for _ in lay.past_names]
         self.position = 0
         self.batch = batch
         self.io = None
         self.logits = None
-        if lay.cache == "static":
+        if lay.cache in ("static", "paged"):
             # The cache bindings never change: bind them once, and per step rebind only the small inputs and
             # the logits (a step is ~15 ms; 120 Python-level bind calls would cost several percent of it).
             self.io = self.session.io_binding()
             for past, present, value in zip(lay.past_names, lay.present_names, self.past):
                 self.io.bind_ortvalue_input(past, value)
                 self.io.bind_ortvalue_output(present, value)
+            if lay.cache == "paged":
+                self.block_table = lay.block_table(batch).numpy()
+                self.io.bind_cpu_input(BLOCK_TABLE, self.block_table)
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
         import onnxruntime as ort
@@ -145,7 +148,7 @@ class OrtDecoder:
         lay = self.layout
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = ids.shape
-        if lay.cache == "static" and self.position + s > (lay.max_len or 0):
+        if lay.cache in ("static", "paged") and self.position + s > (lay.max_len or 0):
             raise ValueError(f"position {self.position + s} is past the static cache ({lay.max_len} positions)")
         positions = np.arange(self.position, self.position + s, dtype=np.int64)
         io = self.io if self.io is not None else self.session.io_binding()
@@ -153,7 +156,7 @@ class OrtDecoder:
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(np.broadcast_to(positions, (b, s))))
         if self.has_cache_position:
             io.bind_cpu_input(CACHE_POSITION, positions)
-        if lay.cache == "static":
+        if self.io is not None:
             # Logits land in a numpy array we own: no per-step output list, no copy out.
             if self.logits is None or self.logits.shape[:2] != (b, s):
                 self.logits = np.empty((b, s, self.vocab_size), dtype=np.float32)
