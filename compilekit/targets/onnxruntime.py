@@ -131,6 +131,7 @@ class OrtDecoder:
         self.batch = batch
         self.io = None
         self.logits = None
+        self.bound_shape: tuple[int, int] | None = None
         if lay.cache in ("static", "paged"):
             # The cache bindings never change: bind them once, and per step rebind only the small inputs and
             # the logits (a step is ~15 ms; 120 Python-level bind calls would cost several percent of it).
@@ -151,19 +152,32 @@ class OrtDecoder:
         if lay.cache in ("static", "paged") and self.position + s > (lay.max_len or 0):
             raise ValueError(f"position {self.position + s} is past the static cache ({lay.max_len} positions)")
         positions = np.arange(self.position, self.position + s, dtype=np.int64)
-        io = self.io if self.io is not None else self.session.io_binding()
+        if self.io is not None:
+            # Inputs and logits live in numpy arrays bound once per step shape (every decode step has the
+            # same one): a step then writes three small arrays and runs. ORT reads and writes those arrays'
+            # memory directly, so no per-step binding, output list or copy.
+            if self.bound_shape != (b, s):
+                self.step_arrays = {INPUT_IDS: np.empty((b, s), np.int64), POSITION_IDS: np.empty((b, s), np.int64)}
+                if self.has_cache_position:
+                    self.step_arrays[CACHE_POSITION] = np.empty((s,), np.int64)
+                for name, array in self.step_arrays.items():
+                    self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+                self.logits = np.empty((b, s, self.vocab_size), dtype=np.float32)
+                self.io.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self.logits))
+                self.bound_shape = (b, s)
+            arrays = self.step_arrays
+            arrays[INPUT_IDS][...] = ids
+            arrays[POSITION_IDS][...] = positions
+            if self.has_cache_position:
+                arrays[CACHE_POSITION][...] = positions
+            self.session.run_with_iobinding(self.io)
+            self.position += s
+            return self.logits
+        io = self.session.io_binding()
         io.bind_cpu_input(INPUT_IDS, ids)
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(np.broadcast_to(positions, (b, s))))
         if self.has_cache_position:
             io.bind_cpu_input(CACHE_POSITION, positions)
-        if self.io is not None:
-            # Logits land in a numpy array we own: no per-step output list, no copy out.
-            if self.logits is None or self.logits.shape[:2] != (b, s):
-                self.logits = np.empty((b, s, self.vocab_size), dtype=np.float32)
-            io.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self.logits))
-            self.session.run_with_iobinding(io)
-            self.position += s
-            return self.logits
         for name, value in zip(lay.past_names, self.past):
             io.bind_ortvalue_input(name, value)
         io.bind_output(LOGITS)
@@ -431,7 +445,11 @@ def _gqa_packed_qkv(model) -> int:
                 value = value.producer().inputs[0]
         for stale in [*dead, split]:
             if stale.graph is model.graph and not any(o.uses() or o.is_graph_output() for o in stale.outputs):
+                constants = [v for v in stale.inputs[1:] if v is not None and v.name in model.graph.initializers]
                 model.graph.remove(stale, safe=True)
+                for value in constants:  # the reshape targets / split sizes nothing else reads
+                    if not value.uses():
+                        del model.graph.initializers[value.name]
         rewritten += 1
     return rewritten
 
