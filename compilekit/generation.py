@@ -125,13 +125,16 @@ class Generator:
                  on_token: Callable[[np.ndarray], None] | None = None) -> GenerationResult:
         """Prefill `input_ids` [B, S] (same length in every row: no padding), then decode up to
         `max_new_tokens`. Stops early when every row has produced an EOS token, unless `ignore_eos`."""
+        from .errors import CompilekitError
+
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError("input_ids must be [batch, seq] with seq >= 1")
-        limit = self.layout.max_len if self.layout.cache == "static" else None
+            raise CompilekitError("input_ids must be [batch, seq] with seq >= 1")
+        limit = self.layout.max_len if self.layout.cache in ("static", "paged") else None
         if limit is not None and ids.shape[1] + max_new_tokens > limit:
-            raise ValueError(f"{ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the static cache "
-                             f"({limit} positions); lower --max-new-tokens or compile with a larger max_len")
+            raise CompilekitError(f"{ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the {self.layout.cache} "
+                                  f"cache ({limit} positions)",
+                                  hint="lower --max-new-tokens, or compile with a larger kv.layout max_len")
         rng = np.random.default_rng(seed)
         batch = ids.shape[0]
         self.decoder.start(batch)

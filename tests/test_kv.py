@@ -285,3 +285,26 @@ def test_tensorrt_flavor_is_standard_onnx_with_cache_pairs(decoder, options, tmp
         got = layout.canonical_outputs(out, feed)
         for name in want:
             assert torch.allclose(torch.as_tensor(got[name]), want[name], atol=1e-4, rtol=0), (name, options)
+
+
+def test_generate_cli_errors_are_clear(tmp_path):
+    """No traceback, exit 2: a model without a tokenizer, a non-decoder artifact, a prompt past the cache."""
+    from click.testing import CliRunner
+
+    from compilekit.cli import cli
+    from compilekit.compile import compile_recipe
+
+    registry = tmp_path / "reg"
+    compile_recipe(load_recipe(ROOT / "recipes" / "tiny-llama-kv.yaml"), registry=registry)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["generate", "tiny-llama-kv", "--prompt", "hi", "--registry", str(registry)])
+    assert result.exit_code == 2 and "no tokenizer" in result.stderr and "Traceback" not in result.stderr
+    result = runner.invoke(cli, ["generate", "nothing-here", "--prompt", "hi", "--registry", str(registry)])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+
+    from compilekit.generation import load_generator
+
+    gen = load_generator("tiny-llama-kv", registry=registry, threads=1)
+    with pytest.raises(Exception) as info:
+        gen.generate(torch.ones(1, 100, dtype=torch.int64), max_new_tokens=64)
+    assert "exceed the static cache (128 positions)" in str(info.value)
