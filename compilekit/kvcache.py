@@ -108,6 +108,10 @@ class KVLayout:
         positions = self.max_len if self.cache == "static" and self.max_len else length
         return 2 * self.layers * batch * self.kv_heads * positions * self.head_dim * self.torch_dtype.itemsize
 
+    def blocks_in_use(self, positions: int) -> int:
+        """paged: the block-table width a step needs when `positions` positions are filled after it."""
+        return max(1, -(-positions // (self.block_size or 1)))
+
     def block_table(self, batch: int) -> torch.Tensor:
         """The simplest allocation: sequence b owns blocks [b * n, (b + 1) * n), n = max_len / block_size."""
         n = self.blocks_per_sequence
@@ -145,7 +149,7 @@ class KVLayout:
                 pool[table] = blocks.permute(0, 2, 1, 3, 4)
                 out[name] = pool
             out[CACHE_POSITION] = torch.arange(past_len, past_len + steps, dtype=torch.int64)
-            out[BLOCK_TABLE] = table
+            out[BLOCK_TABLE] = table[:, :self.blocks_in_use(past_len + steps)].contiguous()
             return out
         for name in self.past_names:
             past = self.from_canonical(canonical[name])

@@ -219,7 +219,11 @@ class KVLayoutPass(Pass):
             last = placeholders[user_names[-1]]
             added = [(CACHE_POSITION, (seq_size,))]
             if o.cache == "paged":
-                added.append((BLOCK_TABLE, (_val(by_input[INPUT_IDS]).shape[0], wanted.blocks_per_sequence)))
+                # The table's width is the number of blocks in use, so a step gathers and attends only
+                # those. It reuses the past length's symbol: that dim is free once the pool replaces the past
+                # tensors, and its range covers every block count.
+                past_len = _val(by_input[current.past_names[0]]).shape[2]
+                added.append((BLOCK_TABLE, (_val(by_input[INPUT_IDS]).shape[0], past_len)))
             new_nodes = []
             for name, shape in added:
                 with graph.inserting_after(last):
@@ -300,7 +304,7 @@ class KVLayoutPass(Pass):
         if cache_position is not None:
             inputs.append(TensorSpec(CACHE_POSITION, "int64", (seq_dim,)))
         if block_table is not None:
-            inputs.append(TensorSpec(BLOCK_TABLE, "int64", (batch_dim, wanted.blocks_per_sequence)))
+            inputs.append(TensorSpec(BLOCK_TABLE, "int64", (batch_dim, "blocks")))
         outputs = [TensorSpec(s_.name, wanted.dtype, cache_shape(s_)) if s_.name in current.present_names else s_
                    for s_ in program.outputs]
         new = program.with_graph(gm, graph_signature=new_signature, inputs=tuple(inputs), outputs=tuple(outputs),

@@ -141,7 +141,7 @@ class OrtDecoder:
                 self.io.bind_ortvalue_output(present, value)
             if lay.cache == "paged":
                 self.block_table = lay.block_table(batch).numpy()
-                self.io.bind_cpu_input(BLOCK_TABLE, self.block_table)
+                self.bound_blocks = 0
 
     def step(self, input_ids: np.ndarray) -> np.ndarray:
         import onnxruntime as ort
@@ -165,6 +165,11 @@ class OrtDecoder:
                 self.logits = np.empty((b, s, self.vocab_size), dtype=np.float32)
                 self.io.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self.logits))
                 self.bound_shape = (b, s)
+            if lay.cache == "paged":  # only the blocks in use: the step gathers and attends no more
+                blocks = lay.blocks_in_use(self.position + s)
+                if blocks != self.bound_blocks:
+                    self.io.bind_cpu_input(BLOCK_TABLE, np.ascontiguousarray(self.block_table[:, :blocks]))
+                    self.bound_blocks = blocks
             arrays = self.step_arrays
             arrays[INPUT_IDS][...] = ids
             arrays[POSITION_IDS][...] = positions
