@@ -10,8 +10,8 @@ so a runtime knows how to feed the compiled model. The export gives the canonica
   `cache_position` and returns the whole buffer as the present. A runtime can bind present to the same
   memory as past, so decode copies no cache.
 - `paged`: the past is a pool of `num_blocks` blocks of `block_size` positions ([blocks, kv_heads,
-  block_size, head_dim]) shared by all sequences; `block_table` [batch, max_len / block_size] lists each
-  sequence's blocks. The present is the pool, written at `cache_position`, and shares its buffer.
+  block_size, head_dim]) shared by all sequences; `block_table` [batch, blocks in use] lists each
+  sequence's blocks in order. The present is the pool, written at `cache_position`, and shares its buffer.
 
 Conversions between the canonical form and a layout live here, so the pass ledger, the accuracy check and
 the generation runner all feed a program the same way, whatever its layout.
