@@ -399,8 +399,11 @@ def _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position, 
     present_k = pool_k.transpose(1, 2).index_put((blocks, rows), new_k).transpose(1, 2)
     present_v = pool_v.transpose(1, 2).index_put((blocks, rows), new_v).transpose(1, 2)
 
-    def gather(pool):  # [B, max_blocks, Hkv, bs, D] -> [B, Hkv, max_blocks * bs, D]
-        seq = pool[block_table]
+    def gather(pool):  # [B, blocks, Hkv, bs, D] -> [B, Hkv, blocks * bs, D]
+        # index_select on a flat table, then a view: plain Gather + Reshape in ONNX (advanced indexing on a
+        # dynamic-width table exported a stride query the ONNX exporter has no translation for).
+        seq = torch.index_select(pool, 0, block_table.reshape(-1))
+        seq = seq.view(b, -1, pool.shape[1], pool.shape[2], pool.shape[3])
         return seq.permute(0, 2, 1, 3, 4).reshape(b, pool.shape[1], -1, pool.shape[-1])
 
     return present_k, present_v, gather(present_k), gather(present_v)
