@@ -402,9 +402,11 @@ def _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position, 
     def gather(pool):  # [B, blocks, Hkv, bs, D] -> [B, Hkv, blocks * bs, D]
         # index_select on a flat table, then a view: plain Gather + Reshape in ONNX (advanced indexing on a
         # dynamic-width table exported a stride query the ONNX exporter has no translation for).
-        seq = torch.index_select(pool, 0, block_table.reshape(-1))
-        seq = seq.view(b, -1, pool.shape[1], pool.shape[2], pool.shape[3])
-        return seq.permute(0, 2, 1, 3, 4).reshape(b, pool.shape[1], -1, pool.shape[-1])
+        # Sizes spelled from the table's own dims: a -1 here makes the tracer derive the width from strides.
+        width = block_table.shape[1]
+        seq = torch.index_select(pool, 0, block_table.reshape(b * width))
+        seq = seq.view(b, width, pool.shape[1], pool.shape[2], pool.shape[3])
+        return seq.permute(0, 2, 1, 3, 4).reshape(b, pool.shape[1], width * pool.shape[2], pool.shape[3])
 
     return present_k, present_v, gather(present_k), gather(present_v)
 
@@ -461,3 +463,19 @@ def _paged_attention_standard(q, k, v, pool_k, pool_v, block_table, cache_positi
 
 for _flavor in FLAVORS:
     register_decomposition(_flavor, torch.ops.compilekit.paged_attention.default)(_paged_attention_standard)
+
+
+# ---------------------------------------------------------------------------------------- sym_stride
+
+
+def _sym_stride(x, dim: int):
+    """`aten.sym_stride` (which torch.onnx cannot translate): re-tracing can spell a dynamic size as a
+    contiguous tensor's stride (the paged block table's width is its row stride). ONNX tensors are
+    contiguous, so stride(dim) is the product of the sizes after `dim`."""
+    from onnxscript import opset18 as op
+
+    return op.ReduceProd(op.Shape(x, start=dim + 1), keepdims=0)
+
+
+for _flavor in FLAVORS:
+    register_translation(_flavor, torch.ops.aten.sym_stride.int)(_sym_stride)

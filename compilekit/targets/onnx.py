@@ -40,9 +40,6 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
     decompositions = ops.decomposition_table(flavor)
     used = ops.compilekit_ops_in(program.graph)
     missing = used - set(table) - set(decompositions)
-    # A flavor's table may also override ATen ops; only pass those the graph uses.
-    graph_ops = {n.target for n in program.graph.nodes if n.op == "call_function"}
-    table = {op: fn for op, fn in table.items() if op in graph_ops or op.namespace == "compilekit"}
     if missing:
         raise LoweringError(f"no {flavor} ONNX translation for {sorted(map(str, missing))}",
                             hint="remove the pass that emitted these ops, or choose another target")
@@ -57,6 +54,9 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
         if not wanted:
             break
         ep = ep.run_decompositions(wanted)
+    # A flavor's table may also override ATen ops; only pass those the (decomposed) graph uses.
+    graph_ops = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    table = {op: fn for op, fn in table.items() if op in graph_ops or op.namespace == "compilekit"}
     try:
         with quiet_exporter():
             onnx_program = torch.onnx.export(
