@@ -396,8 +396,12 @@ def _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position, 
     rows = torch.remainder(cache_position, block_size).expand(b, s)                         # [B, S]
     new_k = k.transpose(1, 2).to(pool_k.dtype)                                              # [B, S, Hkv, D]
     new_v = v.transpose(1, 2).to(pool_v.dtype)
-    present_k = pool_k.transpose(1, 2).index_put((blocks, rows), new_k).transpose(1, 2)
-    present_v = pool_v.transpose(1, 2).index_put((blocks, rows), new_v).transpose(1, 2)
+    # Index every leading dim of the pool (block, head, row) rather than transposing it: the pool is
+    # the whole cache, and a transpose around the update would copy all of it on every step.
+    heads = torch.arange(pool_k.shape[1], device=k.device)[None, None, :]                   # [1, 1, Hkv]
+    index = (blocks[:, :, None], heads, rows[:, :, None])                                   # -> [B, S, Hkv]
+    present_k = pool_k.index_put(index, new_k)
+    present_v = pool_v.index_put(index, new_v)
 
     def gather(pool):  # [B, blocks, Hkv, bs, D] -> [B, Hkv, blocks * bs, D]
         # index_select on a flat table, then a view: plain Gather + Reshape in ONNX (advanced indexing on a
