@@ -153,8 +153,15 @@ def probe_kv_layout(model: torch.nn.Module) -> KVLayout:
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True) is False:
         window = None
+    sliding = None
+    types = getattr(config, "layer_types", None)
+    if window and types:  # models that mix full and sliding-window layers say which is which
+        sliding = tuple(i for i, kind in enumerate(types) if "sliding" in str(kind))
+        window = window if sliding else None
+        sliding = None if sliding and len(sliding) == n_layers else (sliding or None)
     return KVLayout(layers=n_layers, num_heads=int(num_heads), kv_heads=int(key.shape[1]),
-                    head_dim=int(key.shape[-1]), sliding_window=int(window) if window else None)
+                    head_dim=int(key.shape[-1]), sliding_window=int(window) if window else None,
+                    sliding_layers=sliding)
 
 
 def named_tensor_outputs(out: Any) -> dict[str, torch.Tensor]:

@@ -55,6 +55,7 @@ class KVLayout:
     block_size: int | None = None       # paged: positions per block
     num_blocks: int | None = None       # paged: blocks in the pool
     sliding_window: int | None = None   # the model's attention window, if it has one
+    sliding_layers: tuple[int, ...] | None = None  # the layers that use it (None: all)
     in_op: bool = False                 # the update runs inside compilekit::cached_attention (kv.layout ran)
 
     # ------------------------------------------------------------------------------------------ names
@@ -96,7 +97,16 @@ class KVLayout:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KVLayout:
         fields = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        values = {k: v for k, v in data.items() if k in fields}
+        if values.get("sliding_layers") is not None:
+            values["sliding_layers"] = tuple(values["sliding_layers"])
+        return cls(**values)
+
+    def window(self, layer: int) -> int:
+        """The attention window of `layer` (0: none)."""
+        if not self.sliding_window or (self.sliding_layers is not None and layer not in self.sliding_layers):
+            return 0
+        return self.sliding_window
 
     def with_changes(self, **changes: Any) -> KVLayout:
         return replace(self, **changes)

@@ -236,7 +236,6 @@ class KVLayoutPass(Pass):
             block_table = new_nodes[1] if o.cache == "paged" else None
             new_signature = ExportGraphSignature(input_specs=specs, output_specs=list(program.ep.graph_signature.output_specs))
 
-        window = current.sliding_window or 0
         # Sizes read from a past tensor: batch stays axis 0; heads/seq/head_dim move with the layout. In a
         # static buffer the past length is gone; its readers must be dead once the mask is (checked below).
         length_reads: list[torch.fx.Node] = []
@@ -262,7 +261,7 @@ class KVLayoutPass(Pass):
                     ph.meta["val"] = torch.empty(shape, dtype=wanted.torch_dtype)
             attn = layer["attn"]
             common = (layer["cos"], layer["sin"], float(layer["scale"]), int(layer["hq"]), int(layer["hkv"]))
-            tail = (int(window), float(layer["softcap"]))
+            tail = (current.window(layer["layer"]), float(layer["softcap"]))
             head = (layer["q"], layer["k_new"], layer["v_new"], layer["pk"], layer["pv"])
             if o.cache == "paged":
                 target, args = PAGED_ATTENTION, (*head, block_table, cache_position, *common, o.block_size, *tail)

@@ -308,3 +308,20 @@ def test_generate_cli_errors_are_clear(tmp_path):
     with pytest.raises(Exception) as info:
         gen.generate(torch.ones(1, 100, dtype=torch.int64), max_new_tokens=64)
     assert "exceed the static cache (128 positions)" in str(info.value)
+
+
+def test_mixed_sliding_window_layers_get_their_own_window(tmp_path):
+    """Only the layers a config marks as sliding attend within the window; the rest attend fully."""
+    model = _tiny("qwen2", use_sliding_window=True, sliding_window=3, max_window_layers=1,
+                  layer_types=["full_attention", "sliding_attention"])
+    _adapter, program = _export(model)
+    layout = KVLayout.from_dict(program.kv_layout)
+    assert layout.sliding_window == 3 and layout.sliding_layers == (1,)
+    new = get_pass("kv.layout")({"cache": "static"})(program).program
+    windows = [n.args[-2] for n in new.graph.nodes if n.target is torch.ops.compilekit.cached_attention.default]
+    assert windows == [0, 3]
+    target = OnnxRuntimeTarget({})
+    target.lower(new, tmp_path)
+    gen = Generator(target.load(tmp_path, threads=1).decoder(KVLayout.from_dict(new.kv_layout)))
+    prompt = [5, 17, 42, 99, 3, 7, 8, 9]
+    assert gen.generate(torch.tensor([prompt]), max_new_tokens=8).tokens[0].tolist() == hf_greedy(model, [prompt], 8)[0]
