@@ -210,7 +210,8 @@ def _prepare_decoder(loaded: LoadedRecipe, passes, target, model: LoadedModel, t
     batch_dim, seq_dim = recipe.inputs[0].shape
     specs = adapter.input_specs(batch_dim, seq_dim)
     data = recipe.verify.data
-    length = min(data.max_length, recipe.dims[seq_dim].max + 1, recipe.dims["past"].max + 1)
+    # A prefill of length - 1 tokens and one decode step after it, within both dims' ranges.
+    length = max(2, min(data.max_length, recipe.dims[seq_dim].max + 1, recipe.dims["past"].max + 1))
     batch_size = min(data.batch_size, recipe.dims[batch_dim].max)
     with timer("data", f"{data.samples} windows of {length} tokens ({data.source}), prefill + decode"), _eager_errors():
         batches = decoder_batches(adapter, tokenizer=model.tokenizer, corpus=data.corpus, source=data.source,
