@@ -316,9 +316,10 @@ def _cached_attention_gqa(q, k, v, past_k, past_v, cache_position, cos, sin, sca
                           num_kv_heads: int, layout: str, cache: str, window: int, softcap: float):
     """onnxruntime flavor: com.microsoft.GroupQueryAttention, which appends (concat) or writes in place
     (static: past and present bound to one buffer) and attends causally up to `seqlens_k`. Its cache is
-    BNSH in the compute dtype, so a bshd or float16 cache is transposed / cast around it (and then cannot
-    share its buffer; the manifest says so). ORT's CPU kernel takes a multi-token step with a past only at
-    batch 1: prefill (empty past) and one-token decode run at any batch."""
+    BNSH in the compute dtype, so a bshd or float16 cache is transposed / cast around it: the buffer is
+    still shared, but each step copies the whole cache through those ops. ORT's CPU kernel takes a
+    multi-token step with a past only at batch 1: prefill (empty past) and one-token decode run at any
+    batch."""
     from onnxscript import opset18 as op
     from onnxscript.values import Opset
 
@@ -330,8 +331,8 @@ def _cached_attention_gqa(q, k, v, past_k, past_v, cache_position, cos, sin, sca
         pk, pv = op.Transpose(pk, perm=[0, 2, 1, 3]), op.Transpose(pv, perm=[0, 2, 1, 3])
     # GQA keeps its cache in the compute dtype; CastLike folds away when the dtypes already match.
     pk, pv = op.CastLike(pk, q), op.CastLike(pv, q)
-    # Sizes read from a tensor every layer shares (the rotary table, else cache_position), so the per-layer
-    # copies of this bookkeeping are identical and ORT's common-subexpression elimination keeps one.
+    # With rotary inside, the sizes are read from the table every layer shares, so the per-layer copies of
+    # this bookkeeping are identical and ORT's common-subexpression elimination keeps one.
     shared = cos if cos is not None else q
     batch = op.Shape(shared, start=0, end=1)
     steps = op.Shape(shared, start=1, end=2) if cos is not None else op.Shape(q, start=2, end=3)
