@@ -198,30 +198,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-def cached_attention_reference(q, k, v, past_k, past_v, cache_position, cos, sin, scale: float, num_heads: int,
-                               num_kv_heads: int, layout: str, cache: str, window: int, softcap: float):
-    """The semantics of compilekit::cached_attention in eager PyTorch."""
+def _position_mask(key_len: int, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """[S, key_len] bool: a token at position p attends keys at positions <= p (and > p - window)."""
+    key_positions = torch.arange(key_len, device=positions.device)
+    mask = key_positions[None, :] <= positions[:, None]
+    if window > 0:
+        mask = mask & (key_positions[None, :] > positions[:, None] - window)
+    return mask
+
+
+def _cached_update(q, k, v, past_k, past_v, cache_position, cos, sin, layout: str, cache: str, window: int):
+    """Everything of cached_attention but the attention itself: rotary, the cache update, and the keys, values
+    and mask the attention reads. Shared by the reference and the standard lowering, which differ only in
+    how they call attention."""
     if cos is not None:
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     seq_axis = 2 if layout == "bhsd" else 1
     new_k = _cache_from_bhsd(k, layout).to(past_k.dtype)
     new_v = _cache_from_bhsd(v, layout).to(past_v.dtype)
-    steps = q.shape[2]
     if cache == "concat":
-        start = past_k.shape[seq_axis]
         present_k = torch.cat([past_k, new_k], dim=seq_axis)
         present_v = torch.cat([past_v, new_v], dim=seq_axis)
-        positions = torch.arange(steps, device=q.device) + start
+        positions = torch.arange(q.shape[2], device=q.device) + past_k.shape[seq_axis]
     else:
         present_k = past_k.index_copy(seq_axis, cache_position, new_k)
         present_v = past_v.index_copy(seq_axis, cache_position, new_v)
         positions = cache_position
     keys = _cache_to_bhsd(present_k, layout).to(q.dtype)
     values = _cache_to_bhsd(present_v, layout).to(q.dtype)
-    key_positions = torch.arange(keys.shape[2], device=q.device)
-    mask = key_positions[None, :] <= positions[:, None]
-    if window > 0:
-        mask = mask & (key_positions[None, :] > positions[:, None] - window)
+    return q, keys, values, _position_mask(keys.shape[2], positions, window), present_k, present_v
+
+
+def cached_attention_reference(q, k, v, past_k, past_v, cache_position, cos, sin, scale: float, num_heads: int,
+                               num_kv_heads: int, layout: str, cache: str, window: int, softcap: float):
+    """The semantics of compilekit::cached_attention in eager PyTorch."""
+    q, keys, values, mask, present_k, present_v = _cached_update(q, k, v, past_k, past_v, cache_position, cos, sin,
+                                                                 layout, cache, window)
     out = attention_reference(q, keys, values, mask, scale, False, num_heads, num_kv_heads, softcap)
     return out, present_k, present_v
 
@@ -252,25 +264,8 @@ def _cached_attention_as_standard(q, k, v, past_k, past_v, cache_position, cos, 
     """Standard form: the cache update in ATen (Concat / ScatterND after export) and compilekit::attention with
     an explicit position mask, which each flavor translates. Used by the tensorrt flavor, whose parser takes
     no contrib ops and whose `Attention` has no past inputs."""
-    if cos is not None:
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    seq_axis = 2 if layout == "bhsd" else 1
-    new_k = _cache_from_bhsd(k, layout).to(past_k.dtype)
-    new_v = _cache_from_bhsd(v, layout).to(past_v.dtype)
-    if cache == "concat":
-        present_k = torch.cat([past_k, new_k], dim=seq_axis)
-        present_v = torch.cat([past_v, new_v], dim=seq_axis)
-        positions = torch.arange(q.shape[2], device=q.device) + past_k.shape[seq_axis]
-    else:
-        present_k = past_k.index_copy(seq_axis, cache_position, new_k)
-        present_v = past_v.index_copy(seq_axis, cache_position, new_v)
-        positions = cache_position
-    keys = _cache_to_bhsd(present_k, layout).to(q.dtype)
-    values = _cache_to_bhsd(present_v, layout).to(q.dtype)
-    key_positions = torch.arange(keys.shape[2], device=q.device)
-    mask = key_positions[None, :] <= positions[:, None]
-    if window > 0:
-        mask = mask & (key_positions[None, :] > positions[:, None] - window)
+    q, keys, values, mask, present_k, present_v = _cached_update(q, k, v, past_k, past_v, cache_position, cos, sin,
+                                                                 layout, cache, window)
     out = torch.ops.compilekit.attention(q, keys, values, mask[None, None], scale, False, num_heads, num_kv_heads,
                                          softcap)
     return out, present_k, present_v
@@ -423,10 +418,7 @@ def paged_attention_reference(q, k, v, pool_k, pool_v, block_table, cache_positi
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     present_k, present_v, keys, values = _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position,
                                                                   block_size)
-    key_positions = torch.arange(keys.shape[2], device=q.device)
-    mask = key_positions[None, :] <= cache_position[:, None]
-    if window > 0:
-        mask = mask & (key_positions[None, :] > cache_position[:, None] - window)
+    mask = _position_mask(keys.shape[2], cache_position, window)
     out = attention_reference(q, keys.to(q.dtype), values.to(q.dtype), mask, scale, False, num_heads, num_kv_heads,
                               softcap)
     return out, present_k, present_v
@@ -457,10 +449,7 @@ def _paged_attention_standard(q, k, v, pool_k, pool_v, block_table, cache_positi
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     present_k, present_v, keys, values = _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position,
                                                                   block_size)
-    key_positions = torch.arange(keys.shape[2], device=q.device)
-    mask = key_positions[None, :] <= cache_position[:, None]
-    if window > 0:
-        mask = mask & (key_positions[None, :] > cache_position[:, None] - window)
+    mask = _position_mask(keys.shape[2], cache_position, window)
     out = torch.ops.compilekit.attention(q, keys.to(q.dtype), values.to(q.dtype), mask[None, None], scale, False,
                                          num_heads, num_kv_heads, softcap)
     return out, present_k, present_v
