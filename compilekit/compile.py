@@ -26,12 +26,13 @@ from .errors import CompilekitError, GateFailure, LoweringError, VerificationErr
 from .export import ExportAdapter, discover_outputs, export_program
 from .ir import Program
 from .kvcache import KVLayout
-from .pipeline import LedgerEntry, PassManager, build_passes
+from .pipeline import LedgerEntry, PassContext, PassManager, build_passes
 from .recipe import LoadedRecipe
 from .registry import LocalStore, default_store_path
 from .sources import LoadedModel, load_model
 from .targets import Target, build_target
 from .verify import compare, evaluate_gates, measure_blocks, measure_interleaved, peak_rss_mb
+from .verify.accuracy import padding_masks
 from .verify.data import random_batches, sample_count, take_samples, text_batches, text_samples
 
 Batch = dict[str, torch.Tensor]
@@ -108,6 +109,71 @@ def _checking_batches(loaded: LoadedRecipe, model: LoadedModel) -> list[Batch]:
                             max_length=data.max_length)
     return random_batches(r.inputs, r.dims, samples=data.samples, batch_size=batch_size, sizes=data.shape,
                           vocab_size=model.vocab_size, seed=data.seed)
+
+
+def calibration_context(loaded: LoadedRecipe, model: LoadedModel, adapter: Any, reporter: Reporter) -> PassContext:
+    """Calibration batches for passes that ask (built once, on first use), in the asking program's layout.
+
+    Text never overlaps the checking data: encoders take the sentences after the checking samples in the
+    same shuffled order; decoders take windows from the end of the order held-out perplexity reads from
+    its start."""
+    cache: list[Batch] = []
+
+    def batches(program: Program) -> list[Batch]:
+        if not cache:
+            with _eager_errors():
+                cache.extend(_calibration_batches(loaded, model, adapter))
+            reporter.log(f"calibration: {sample_count(cache)} samples ({loaded.recipe.calibration.source})")
+        return [feeds_for(program.kv_layout, b) for b in cache]
+
+    return PassContext(calibration=batches)
+
+
+def _calibration_batches(loaded: LoadedRecipe, model: LoadedModel, adapter: Any) -> list[Batch]:
+    from .calibrate import load_tensor_batches
+
+    r = loaded.recipe
+    cal, data = r.calibration, r.verify.data
+    decoder = r.model.task == "text-generation"
+    if cal.source == "text" and model.tokenizer is None:
+        raise loaded.error(("calibration", "source"), "calibration.source is `text` (the default), and this model has "
+                           "no tokenizer", hint="set `calibration: {source: random}` or `{source: tensors, path: ...}`")
+    if cal.source == "tensors":
+        names = ["input_ids"] if decoder else [i.name for i in r.inputs]
+        loaded_batches = load_tensor_batches(cal.path, names)
+        return [_prefill(adapter, b["input_ids"]) for b in loaded_batches] if decoder else loaded_batches
+    if decoder:
+        from .verify.llm import token_stream
+
+        length = min(cal.max_length, r.dims[r.inputs[0].shape[1]].max)
+        if cal.source == "text" and model.tokenizer is not None:
+            stream = token_stream(model.tokenizer, cal.corpus, tokens=cal.samples * length, seed=data.seed + 1,
+                                  reverse=True)
+            ids = stream[: (len(stream) // length) * length].view(-1, length)
+        else:
+            gen = torch.Generator().manual_seed(cal.seed + 1000)
+            ids = torch.randint(0, model.vocab_size or 100, (cal.samples, length), generator=gen)
+        return [_prefill(adapter, ids[i:i + cal.batch_size]) for i in range(0, ids.shape[0], cal.batch_size)]
+    first = r.inputs[0].shape[0]
+    batch_size = first if isinstance(first, int) else min(cal.batch_size, r.dims[first].max)
+    if cal.source == "text":
+        same = cal.corpus == data.corpus
+        texts = text_samples(cal.corpus, cal.samples, seed=data.seed if same else cal.seed,
+                             offset=data.samples if same else 0)
+        return text_batches(model.tokenizer, texts, r.inputs, r.dims, batch_size=batch_size, max_length=cal.max_length)
+    return random_batches(r.inputs, r.dims, samples=cal.samples, batch_size=batch_size, sizes=data.shape,
+                          vocab_size=model.vocab_size, seed=cal.seed + 1000)
+
+
+def _prefill(adapter: Any, ids: torch.Tensor) -> Batch:
+    """A decoder's canonical prefill feeds for `ids` [B, S] over an empty cache."""
+    from .kvcache import INPUT_IDS, POSITION_IDS
+
+    b, s = ids.shape
+    feeds = {INPUT_IDS: ids, POSITION_IDS: torch.arange(s).expand(b, -1).contiguous()}
+    for name in adapter.kv.past_names:
+        feeds[name] = torch.zeros(b, adapter.kv.kv_heads, 0, adapter.kv.head_dim)
+    return feeds
 
 
 def _run_lowered(runner, batches: Sequence[Batch], kv: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -268,10 +334,11 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
     ledger_reference = reference[:len(ledger_batches)]
     ledger_reference = [{k: v[: next(iter(b.values())).shape[0]] for k, v in r.items()}
                         for r, b in zip(ledger_reference, ledger_batches)]
+    ledger_masks = padding_masks(ledger_batches) if recipe.verify.accuracy.mask_padding else None
 
     def check(p: Program) -> dict[str, Any]:
         outs = [canonical_outputs(p.kv_layout, p.run(feeds_for(p.kv_layout, b)), b) for b in ledger_batches]
-        return _metrics_dicts(compare(ledger_reference, outs, logits=logits))
+        return _metrics_dicts(compare(ledger_reference, outs, logits=logits, masks=ledger_masks))
 
     start = time.perf_counter()
     export_metrics = check(program)
@@ -282,7 +349,8 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
 
     with timer("passes", f"{len(passes)} pass(es)"):
         manager = PassManager(passes, checker=check, dump_dir=dump_ir,
-                              on_pass=lambda name, i, n: reporter.log(f"pass {i}/{n}: {name}"))
+                              on_pass=lambda name, i, n: reporter.log(f"pass {i}/{n}: {name}"),
+                              context=calibration_context(loaded, model, adapter, reporter))
         program, pass_rows = manager.run(program)
     ledger += pass_rows
 
@@ -295,7 +363,7 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
             runner = target.load(staged, threads=threads)
             check_start = time.perf_counter()
             lowered = _metrics_dicts(compare(ledger_reference, _run_lowered(runner, ledger_batches, program.kv_layout),
-                                             logits=logits))
+                                             logits=logits, masks=ledger_masks))
             ledger.append(LedgerEntry(f"lower:{target.name}", target.options.model_dump(mode="json"), True,
                                       check_start - lower_start, time.perf_counter() - check_start,
                                       sum(build.info.get("nodes", {}).values()),
@@ -305,7 +373,8 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
 
         with timer("accuracy", f"{sample_count(batches)} samples"):
             candidate = _run_lowered(runner, batches, program.kv_layout)
-            metrics = compare(reference, candidate, logits=logits)
+            metrics = compare(reference, candidate, logits=logits,
+                              masks=padding_masks(batches) if recipe.verify.accuracy.mask_padding else None)
             gates = evaluate_gates(metrics, recipe.verify.accuracy.gates, recipe.verify.accuracy.outputs)
         accuracy = {"passed": all(g.passed for g in gates), "samples": sample_count(batches),
                     "data": recipe.verify.data.source, "metrics": _metrics_dicts(metrics),
@@ -553,11 +622,12 @@ def inspect_recipe(loaded: LoadedRecipe, *, after: str | None = None, reporter: 
     if after is not None and after not in [p.name for p in recipe.passes]:
         raise loaded.error(("passes",), f"--after names {after!r}, which is not in this recipe's passes",
                            hint=f"the recipe runs: {[p.name for p in recipe.passes] or 'no passes'}")
-    passes, _target, _model, _adapter, _batches, _reference, program = prepare(loaded, reporter, timer)
+    passes, _target, model, adapter, _batches, _reference, program = prepare(loaded, reporter, timer)
     if after is None:
         return program, []
     with timer("passes"):
-        return PassManager(passes, dump_dir=dump_ir).run(program, stop_after=after)
+        return PassManager(passes, dump_dir=dump_ir,
+                           context=calibration_context(loaded, model, adapter, reporter)).run(program, stop_after=after)
 
 
 def load_artifact(ref: str, *, registry: Path | None = None, threads: int | None = None,

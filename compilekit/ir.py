@@ -110,21 +110,26 @@ class Program:
         """A deep copy of the graph module to edit. Weights are lifted inputs, so this copies no weights."""
         return copy.deepcopy(self.ep.graph_module)
 
-    def with_graph(self, graph_module: torch.fx.GraphModule, *, graph_signature: Any = None, **changes: Any) -> Program:
+    def with_graph(self, graph_module: torch.fx.GraphModule, *, graph_signature: Any = None,
+                   weights: WeightEdit | None = None, **changes: Any) -> Program:
         """A new Program with `graph_module` in place of this one's graph; weights and signature are shared.
 
         A pass that changes the program's inputs (kv.layout adds `cache_position`) passes the new
-        `graph_signature` and the matching `inputs`/`outputs` specs in `changes`."""
+        `graph_signature` and the matching `inputs`/`outputs` specs in `changes`. A pass that adds or
+        replaces weights (quantization) passes the `WeightEdit` it made them with."""
+        state_dict, constants = self.ep.state_dict, self.ep.constants
+        if weights is not None:
+            graph_signature, state_dict, constants = weights.finish(graph_signature or self.ep.graph_signature)
         graph_module.recompile()
         ep = ExportedProgram(
             root=graph_module,
             graph=graph_module.graph,
             graph_signature=_signature_for(graph_signature or self.ep.graph_signature, graph_module.graph),
-            state_dict=self.ep.state_dict,
+            state_dict=state_dict,
             range_constraints=self.ep.range_constraints,
             module_call_graph=_call_graph_for(self.ep.module_call_graph, graph_signature),
-            example_inputs=self.ep.example_inputs if graph_signature is None else None,
-            constants=self.ep.constants,
+            example_inputs=self.ep.example_inputs if graph_signature is None or weights is not None else None,
+            constants=constants,
             verifiers=getattr(self.ep, "verifiers", None),
         )
         return replace(self, ep=ep, **changes)
@@ -171,6 +176,78 @@ class Program:
             lines.append("")
             lines.append(str(self.graph))
         return "\n".join(lines)
+
+
+class WeightEdit:
+    """Reads and adds lifted weights in a pass's copy of the graph (`program.copy_graph()`).
+
+    `value(node)` is the tensor behind a parameter / buffer / constant placeholder; `add(name, tensor)`
+    makes a new buffer placeholder (after the existing weights, as torch.export orders them) with fake
+    metadata; `finish` drops the weights nothing uses any more and returns the new signature, state dict
+    and constants for `Program.with_graph(weights=...)`. The original program's dicts are never mutated."""
+
+    def __init__(self, program: Program, graph_module: torch.fx.GraphModule) -> None:
+        from torch.export.graph_signature import InputKind
+
+        self._kinds = InputKind
+        self.graph = graph_module.graph
+        self.state_dict = dict(program.ep.state_dict)
+        self.constants = dict(program.ep.constants)
+        self.specs = {spec.arg.name: spec for spec in program.ep.graph_signature.input_specs
+                      if hasattr(spec.arg, "name")}
+        self._signature = program.ep.graph_signature
+        self._added: list[Any] = []
+
+    def target(self, node: Any) -> str | None:
+        spec = self.specs.get(node.name) if isinstance(node, torch.fx.Node) and node.op == "placeholder" else None
+        return spec.target if spec is not None and spec.kind != self._kinds.USER_INPUT else None
+
+    def value(self, node: Any) -> torch.Tensor | None:
+        name = self.target(node)
+        if name is None:
+            return None
+        return self.state_dict.get(name, self.constants.get(name))
+
+    def add(self, name: str, tensor: torch.Tensor) -> torch.fx.Node:
+        from torch.export.graph_signature import InputSpec, TensorArgument
+
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        weights = [n for n in placeholders if self.target(n) is not None or n in self._added]
+        base = name.replace(".", "_")
+        taken = {n.name for n in self.graph.nodes} | set(self.state_dict) | set(self.constants)
+        unique, i = base, 1
+        while unique in taken or f"b_{unique}" in taken:
+            unique, i = f"{base}_{i}", i + 1
+        anchor = weights[-1] if weights else None
+        ctx = self.graph.inserting_after(anchor) if anchor is not None else self.graph.inserting_before(placeholders[0])
+        with ctx:
+            node = self.graph.placeholder(f"b_{unique}")
+        fake_mode = next((n.meta["val"].fake_mode for n in placeholders
+                          if hasattr(n.meta.get("val"), "fake_mode")), None)
+        node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor
+        target = unique
+        self.state_dict[target] = tensor
+        self.specs[node.name] = InputSpec(kind=self._kinds.BUFFER, arg=TensorArgument(name=node.name),
+                                          target=target, persistent=True)
+        self._added.append(node)
+        return node
+
+    def finish(self, signature: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        from torch.export.graph_signature import ExportGraphSignature
+
+        for node in [n for n in self.graph.nodes if n.op == "placeholder"]:
+            if not node.users and self.target(node) is not None:
+                self.graph.erase_node(node)
+        names = [n.name for n in self.graph.nodes if n.op == "placeholder"]
+        by_name = {**{s.arg.name: s for s in signature.input_specs if hasattr(s.arg, "name")}, **{
+            n.name: self.specs[n.name] for n in self._added}}
+        specs = [by_name[n] for n in names]
+        used = {s.target for s in specs if s.target is not None}
+        # Buffers mutated in place (a static KV cache) appear in the outputs' specs: keep those.
+        used |= {s.target for s in signature.output_specs if getattr(s, "target", None)}
+        state = {k: v for k, v in self.state_dict.items() if k in used}
+        constants = {k: v for k, v in self.constants.items() if k in used}
+        return ExportGraphSignature(input_specs=specs, output_specs=list(signature.output_specs)), state, constants
 
 
 def _call_graph_for(call_graph, signature) -> list:

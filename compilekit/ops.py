@@ -274,37 +274,44 @@ def _cached_attention_as_standard(q, k, v, past_k, past_v, cache_position, cos, 
 register_decomposition("tensorrt", torch.ops.compilekit.cached_attention.default)(_cached_attention_as_standard)
 
 
-def _register_gqa_schema() -> None:
-    """Declare ORT's com.microsoft.GroupQueryAttention to onnx, once: onnxscript (and so torch.onnx's
-    translation functions) build only ops whose schema onnx knows, and onnx ships no contrib-op schemas.
-    Inputs, outputs and attributes follow ORT's ContribOperators.md (GroupQueryAttention, version 1)."""
+def register_contrib_schema(name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str, bool]],
+                            types: dict[str, list[str]], attributes: dict[str, str], required: tuple[str, ...] = ()) -> None:
+    """Declare an ORT com.microsoft op to onnx, once: onnxscript (and so torch.onnx's translation functions)
+    build only ops whose schema onnx knows, and onnx ships no contrib-op schemas. `inputs`/`outputs` are
+    (name, type variable, optional); `attributes` maps names to INT / FLOAT / STRING. The contents follow
+    ORT's ContribOperators.md, version 1 of each op."""
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has("GroupQueryAttention", "com.microsoft"):
+    if onnx.defs.has(name, "com.microsoft"):
         return
     opt, single = OpSchema.FormalParameterOption.Optional, OpSchema.FormalParameterOption.Single
-    inputs = [("query", "T", single), ("key", "T", opt), ("value", "T", opt), ("past_key", "T", opt),
-              ("past_value", "T", opt), ("seqlens_k", "M", single), ("total_sequence_length", "M", single),
-              ("cos_cache", "T", opt), ("sin_cache", "T", opt), ("position_ids", "P", opt),
-              ("attention_bias", "T", opt), ("head_sink", "T", opt)]
-    outputs = [("output", "T", single), ("present_key", "T", single), ("present_value", "T", single),
-               ("output_qk", "T", opt)]
-    attr = OpSchema.AttrType
-    attributes = [OpSchema.Attribute(name, kind, "", required=name in ("num_heads", "kv_num_heads"))
-                  for name, kind in (("num_heads", attr.INT), ("kv_num_heads", attr.INT), ("scale", attr.FLOAT),
-                                     ("softcap", attr.FLOAT), ("local_window_size", attr.INT),
-                                     ("do_rotary", attr.INT), ("rotary_interleaved", attr.INT),
-                                     ("smooth_softmax", attr.INT), ("qk_output", attr.INT))]
     schema = OpSchema(
-        "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[OpSchema.FormalParameter(n, t, "", param_option=o) for n, t, o in inputs],
-        outputs=[OpSchema.FormalParameter(n, t, "", param_option=o) for n, t, o in outputs],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
-        attributes=attributes,
+        name, "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter(n, t, "", param_option=opt if o else single) for n, t, o in inputs],
+        outputs=[OpSchema.FormalParameter(n, t, "", param_option=opt if o else single) for n, t, o in outputs],
+        type_constraints=[(t, allowed, "") for t, allowed in types.items()],
+        attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, kind), "", required=a in required)
+                    for a, kind in attributes.items()],
     )
     onnx.defs.register_schema(schema)
+
+
+def _register_gqa_schema() -> None:
+    register_contrib_schema(
+        "GroupQueryAttention",
+        inputs=[("query", "T", False), ("key", "T", True), ("value", "T", True), ("past_key", "T", True),
+                ("past_value", "T", True), ("seqlens_k", "M", False), ("total_sequence_length", "M", False),
+                ("cos_cache", "T", True), ("sin_cache", "T", True), ("position_ids", "P", True),
+                ("attention_bias", "T", True), ("head_sink", "T", True)],
+        outputs=[("output", "T", False), ("present_key", "T", False), ("present_value", "T", False),
+                 ("output_qk", "T", True)],
+        types={"T": ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "M": ["tensor(int32)"],
+               "P": ["tensor(int64)"]},
+        attributes={"num_heads": "INT", "kv_num_heads": "INT", "scale": "FLOAT", "softcap": "FLOAT",
+                    "local_window_size": "INT", "do_rotary": "INT", "rotary_interleaved": "INT",
+                    "smooth_softmax": "INT", "qk_output": "INT"},
+        required=("num_heads", "kv_num_heads"))
 
 
 def _cached_attention_gqa(q, k, v, past_k, past_v, cache_position, cos, sin, scale: float, num_heads: int,
@@ -473,3 +480,7 @@ def _sym_stride(x, dim: int):
 
 for _flavor in FLAVORS:
     register_translation(_flavor, torch.ops.aten.sym_stride.int)(_sym_stride)
+
+
+# Quantized linears live in their own module; importing it here registers them with every import of ops.
+from . import qops  # noqa: E402,F401

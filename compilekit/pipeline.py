@@ -32,6 +32,22 @@ class PassOptions(BaseModel):
 
 
 @dataclass(frozen=True)
+class PassContext:
+    """What a pass may need beyond the program. `calibration(program)` gives calibration batches as
+    `program.run` takes them (in the program's current input layout), drawn from the recipe's
+    `calibration` section and never from the checking data."""
+
+    calibration: Callable[[Program], list[dict[str, torch.Tensor]]] | None = None
+
+    def calibration_batches(self, program: Program, pass_name: str) -> list[dict[str, torch.Tensor]]:
+        if self.calibration is None:
+            raise PassError(f"pass {pass_name} calibrates, and no calibration data was given",
+                            hint="run it through `compilekit compile` (the recipe's `calibration` section), or "
+                                 "give the pass a PassContext(calibration=...)")
+        return self.calibration(program)
+
+
+@dataclass(frozen=True)
 class PassResult:
     program: Program
     modified: bool
@@ -47,12 +63,14 @@ class Pass:
     Options: ClassVar[type[PassOptions]] = PassOptions
     version: ClassVar[int] = 1
 
-    def __init__(self, options: PassOptions | Mapping[str, Any] | None = None) -> None:
+    def __init__(self, options: PassOptions | Mapping[str, Any] | None = None, *,
+                 context: PassContext | None = None) -> None:
         if options is None or isinstance(options, Mapping):
             options = self.Options(**(options or {}))
         if not isinstance(options, self.Options):
             raise TypeError(f"{self.name} takes {self.Options.__name__}, got {type(options).__name__}")
         self.options = options
+        self.context = context or PassContext()
 
     def call(self, program: Program) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -251,8 +269,12 @@ class PassManager:
     """Runs passes in order; after each, checks the graph and measures the error (via `checker`)."""
 
     def __init__(self, passes: Sequence[Pass], *, checker: Checker | None = None,
-                 dump_dir: Path | None = None, on_pass: Callable[[str, int, int], None] | None = None) -> None:
+                 dump_dir: Path | None = None, on_pass: Callable[[str, int, int], None] | None = None,
+                 context: PassContext | None = None) -> None:
         self.passes = list(passes)
+        if context is not None:
+            for p in self.passes:
+                p.context = context
         self.checker = checker
         self.dump_dir = dump_dir
         self.on_pass = on_pass

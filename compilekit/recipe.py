@@ -204,6 +204,8 @@ class AccuracySpec(_Model):
     )
     outputs: list[str] | None = Field(None, description="Outputs the gates apply to (default: all).")
     logits: list[str] | None = Field(None, description="Outputs treated as logits for top1 (default: any named `logits`).")
+    mask_padding: bool = Field(True, description="Leave padded positions (attention_mask 0) out of the metrics of "
+                               "[batch, seq, ...] outputs: their values are unspecified.")
 
 
 class LatencyBudget(_Model):
@@ -262,6 +264,20 @@ class VerifySpec(_Model):
                                               "against eager (section below).")
 
 
+class CalibrationSpec(_Model):
+    source: Literal["text", "random", "tensors"] = Field(
+        "text", description="text: real text through the model's tokenizer, never the checking samples; random: "
+        "generated inputs; tensors: a .safetensors / .pt file of named input tensors (`path`).")
+    corpus: Literal["pydoc"] | RecipePath = Field(
+        "pydoc", description="text: `pydoc` (Python's documentation) or a text file, one sample a line.")
+    samples: int = Field(64, ge=1, description="Calibration samples (encoders: sentences; decoders: windows).")
+    batch_size: int = Field(8, ge=1, description="Samples per calibration batch.")
+    max_length: int = Field(128, ge=2, description="Tokens per sample at most (decoders: window length).")
+    path: RecipePath | None = Field(None, description="tensors: the file; each tensor is one batch of an input, "
+                                    "named `INPUT` or `INPUT.N` for batch N.")
+    seed: int = Field(0, description="Seed for sample choice and generated data.")
+
+
 class ArtifactSpec(_Model):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Lower-case name: letters, digits, . _ -")
     version: str = Field("0.1.0", pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", description="Version string.")
@@ -278,6 +294,8 @@ class Recipe(_Model):
         default_factory=list, description="Passes in order: a name, or {name, options}.")
     target: TargetSpec = Field(default_factory=TargetSpec, description="Where the model is lowered to.")
     verify: VerifySpec = Field(default_factory=VerifySpec, description="How the result is checked.")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Data for passes that "
+                                         "calibrate (quantization); read only when such a pass runs.")
     artifact: ArtifactSpec = Field(description="What the result is stored as.")
 
     def shape_problems(self) -> list[tuple[tuple, str]]:
@@ -476,6 +494,12 @@ def _check_paths(loaded: LoadedRecipe) -> None:
     corpus = loaded.recipe.verify.data.corpus
     if isinstance(corpus, Path) and not corpus.is_file():
         raise loaded.error(("verify", "data", "corpus"), f"corpus file does not exist: {corpus}")
+    cal = loaded.recipe.calibration
+    if isinstance(cal.corpus, Path) and not cal.corpus.is_file():
+        raise loaded.error(("calibration", "corpus"), f"corpus file does not exist: {cal.corpus}")
+    if cal.source == "tensors" and (cal.path is None or not cal.path.is_file()):
+        raise loaded.error(("calibration", "path"), f"calibration.source is `tensors`, and the file {cal.path} does "
+                           "not exist", hint="give `path`: a .safetensors or .pt file of named input tensors")
 
 
 def recipe_json_schema() -> dict:

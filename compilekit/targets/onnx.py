@@ -69,7 +69,7 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
             # job and the target's, so only the generic clean-up (constant folding, dead code) runs here.
             import onnxscript.optimizer
 
-            onnxscript.optimizer.optimize_ir(onnx_program.model)
+            onnxscript.optimizer.optimize_ir(onnx_program.model, should_fold=_keep_dequantize)
     except Exception as exc:  # the exporter raises its own error types; all mean "could not lower"
         lines = str(exc).strip().splitlines()
         raise LoweringError(f"torch.onnx could not lower the program: {type(exc).__name__}: " + "\n    ".join(lines[:15]),
@@ -93,6 +93,12 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
     if (path.parent / data_name).exists():
         files.append(path.parent / data_name)
     return files
+
+
+def _keep_dequantize(node) -> bool | None:
+    """Never fold a quantized weight's DequantizeLinear into a float constant: the Q/DQ pair is what tells
+    TensorRT (and ORT) to run the layer in low precision."""
+    return False if node.op_type == "DequantizeLinear" else None
 
 
 # Ops whose trailing outputs are optional and cost work (or are rejected by TensorRT) when declared.

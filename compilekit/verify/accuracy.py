@@ -13,6 +13,11 @@ dimension. All metrics are computed in float64 so the metric itself adds no erro
 - `top1`     = fraction of positions (all indices but the last) whose argmax over the last dim agrees;
   only for outputs named as logits.
 
+Padding: given per-batch masks of valid positions ([batch, seq], from the inputs' attention_mask), the
+positions a mask marks padded are left out of every metric of outputs whose leading dims are [batch, seq].
+A padded position's output is unspecified (nothing reads it, and attention masks it from every other
+position), so counting it would measure noise, not the model.
+
 A NaN in the candidate propagates into max_abs, cosine and SQNR (and counts as a top-1 miss), so every
 gate on that output fails instead of passing silently.
 """
@@ -108,7 +113,11 @@ class _Acc:
         self.agree = 0
         self.positions = 0
 
-    def add(self, r: np.ndarray, c: np.ndarray, logits: bool) -> None:
+    def add(self, r: np.ndarray, c: np.ndarray, logits: bool, valid: np.ndarray | None = None) -> None:
+        keep = None
+        if valid is not None and r.ndim >= 2 and r.shape[:2] == valid.shape:
+            keep = valid.reshape(valid.shape + (1,) * (r.ndim - 2))
+            r, c = np.where(keep, r, 0.0), np.where(keep, c, 0.0)  # padded positions: no error, no signal
         err = c - r
         self.samples += len(r)
         self.abs_err.append(float(np.max(np.abs(err), initial=0.0)))
@@ -119,8 +128,9 @@ class _Acc:
         if logits:
             # A row holding NaN counts as a miss: np.argmax would otherwise pick the NaN's index.
             hit = (np.argmax(r, -1) == np.argmax(c, -1)) & ~np.isnan(c).any(-1)
-            self.agree += int(hit.sum())
-            self.positions += hit.size
+            counted = np.ones_like(hit) if keep is None else np.broadcast_to(keep[..., 0], hit.shape)
+            self.agree += int((hit & counted).sum())
+            self.positions += int(counted.sum())
 
     def result(self, name: str, logits: bool) -> OutputMetrics:
         max_abs, ref_max = float(np.max(self.abs_err)), float(np.max(self.ref_abs))
@@ -145,10 +155,12 @@ def compare(
     candidate: Sequence[Mapping[str, Any]],
     *,
     logits: Iterable[str] = (),
+    masks: Sequence[Any] | None = None,
 ) -> dict[str, OutputMetrics]:
     """Metrics per output name for batches of reference and candidate outputs.
 
-    `logits` names the outputs that also get top-1 agreement (argmax over the last dim).
+    `logits` names the outputs that also get top-1 agreement (argmax over the last dim). `masks` gives, per
+    batch, the valid positions ([batch, seq], nonzero = valid) or None (see the module's note on padding).
     """
     if len(reference) != len(candidate):
         raise VerificationError(f"reference has {len(reference)} batches but candidate has {len(candidate)}")
@@ -172,11 +184,20 @@ def compare(
             if r.ndim < 1 or (n in logit_names and (r.ndim < 2 or r.shape[-1] == 0)):
                 need = "a batch dim and a non-empty class dim (logits)" if n in logit_names else "a batch dim"
                 raise VerificationError(f"batch {b}, output {n!r}: shape {r.shape} lacks {need}")
-            accs[n].add(r, c, n in logit_names)
+            valid = masks[b] if masks is not None and b < len(masks) else None
+            accs[n].add(r, c, n in logit_names, None if valid is None else _to_f64(valid) != 0)
     for n, acc in accs.items():
         if acc.samples == 0:
             raise VerificationError(f"output {n!r} has no samples in any batch")
     return {n: acc.result(n, n in logit_names) for n, acc in accs.items()}
+
+
+def padding_masks(batches: Sequence[Mapping[str, Any]], name: str = "attention_mask") -> list[Any] | None:
+    """Per batch, the valid positions of a padded batch: its 2-D `attention_mask` input (None without one)."""
+    masks = [b.get(name) for b in batches]
+    if all(m is None for m in masks):
+        return None
+    return [m if m is not None and getattr(m, "ndim", 0) == 2 else None for m in masks]
 
 
 @dataclass(frozen=True)

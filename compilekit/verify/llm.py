@@ -15,12 +15,17 @@ from ..kvcache import INPUT_IDS, POSITION_IDS, KVLayout
 from .data import corpus_lines
 
 
-def token_stream(tokenizer: Any, corpus: Any, *, tokens: int, seed: int, skip: int = 0) -> torch.Tensor:
+def token_stream(tokenizer: Any, corpus: Any, *, tokens: int, seed: int, skip: int = 0,
+                 reverse: bool = False) -> torch.Tensor:
     """At least `tokens` token ids of real text (sentences joined, as a language model reads them), or all
-    the corpus has. `skip` sentences are left out first, so held-out text does not overlap checking text."""
+    the corpus has. `skip` sentences are left out first, so held-out text does not overlap checking text.
+    `reverse` reads the same shuffled order from its end (calibration, so it never meets held-out text
+    read from the start)."""
     lines = corpus_lines(corpus)
     order = list(range(len(lines)))
     random.Random(seed).shuffle(order)
+    if reverse:
+        order.reverse()
     ids: list[int] = []
     for index in order[skip:]:
         ids += tokenizer(" " + lines[index], add_special_tokens=False)["input_ids"]

@@ -1,0 +1,97 @@
+"""The base of the quantization passes: options every one has (skip patterns or `skip: auto` with a
+budget, the lm_head switch), per-layer sensitivity, and the automatic choice of layers kept float."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from compilekit.errors import RecipeError
+from compilekit.ir import Program, WeightEdit
+from compilekit.pipeline import Pass, PassOptions, PassResult
+from compilekit.sensitivity import choose_float_layers, layer_sensitivity
+
+from ._linears import find_linears, select
+
+GateName = Literal["cosine_min", "cosine_mean", "sqnr_db", "max_abs", "max_rel"]
+
+
+class QuantizeOptions(PassOptions):
+    skip: list[str] | Literal["auto"] = Field(
+        default_factory=list, description="Module name patterns kept float (fnmatch, e.g. ['pooler.*']), or `auto`: "
+        "keep the fewest most-sensitive layers float that meet `budget`.")
+    budget: dict[GateName, float] = Field(
+        default_factory=lambda: {"cosine_min": 0.99}, description="skip: auto: accuracy the quantized program must "
+        "keep against the unquantized one on calibration data (gate -> bound, as verify.accuracy.gates).")
+    budget_outputs: list[str] | None = Field(None, description="skip: auto: outputs the budget applies to (default all).")
+    sensitivity_samples: int = Field(32, ge=1, description="skip: auto / inspect --sensitivity: calibration samples "
+                                     "each candidate is measured on.")
+    lm_head: bool = Field(False, description="Also quantize the output projection (kept float by default).")
+
+
+class QuantizePass(Pass):
+    """Subclasses implement `quantize(program, only, keep_float) -> PassResult`."""
+
+    kind: ClassVar[str]
+    Options: ClassVar[type[QuantizeOptions]] = QuantizeOptions
+
+    def quantize(self, program: Program, only: set[str] | None, keep_float: set[str]) -> PassResult:
+        raise NotImplementedError
+
+    def call(self, program: Program) -> PassResult:
+        if self.options.skip == "auto":
+            return self._auto(program)
+        return self.quantize(program, None, set())
+
+    @property
+    def skip_patterns(self) -> list[str]:
+        return [] if self.options.skip == "auto" else list(self.options.skip)
+
+    def layer_names(self, program: Program) -> list[str]:
+        gm = program.copy_graph()
+        linears, missed = find_linears(WeightEdit(program, gm), gm.graph)
+        return [lin.name for lin in select(linears, skip=self.skip_patterns, lm_head=self.options.lm_head,
+                                           missed=missed).chosen]
+
+    def _sensitivity_batches(self, program: Program) -> list[Any]:
+        batches = self.context.calibration_batches(program, self.name)
+        out, left = [], self.options.sensitivity_samples
+        for b in batches:
+            if left <= 0:
+                break
+            n = next(iter(b.values())).shape[0]
+            out.append(b if n <= left else {k: v[:left] for k, v in b.items()})
+            left -= n
+        return out
+
+    def _quantized(self, program: Program) -> Callable[[set[str] | None, set[str]], Program]:
+        return lambda only, keep: self.quantize(program, only, keep).program
+
+    def sensitivity(self, program: Program, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+        """Each layer's output error when it alone is quantized, most sensitive first."""
+        return layer_sensitivity(program, self._quantized(program), self.layer_names(program),
+                                 self._sensitivity_batches(program), progress)
+
+    def _auto(self, program: Program) -> PassResult:
+        o = self.options
+        outputs = [t.name for t in program.outputs]
+        unknown = [n for n in (o.budget_outputs or []) if n not in outputs]
+        if unknown:
+            raise RecipeError(f"{self.name}: budget_outputs {unknown} are not program outputs ({outputs})")
+        rows = self.sensitivity(program)
+        if o.budget_outputs:  # rank by the outputs the budget is about
+            rows.sort(key=lambda r: min(r["outputs"][k]["sqnr_db"] for k in o.budget_outputs))
+        batches = self._sensitivity_batches(program)
+        choice = choose_float_layers(program, self._quantized(program), [r["layer"] for r in rows], batches,
+                                     o.budget, o.budget_outputs)
+        auto = {"budget": dict(o.budget), "samples": o.sensitivity_samples, "evaluated": choice["evaluated"],
+                "keep_float": choice["keep_float"], "sensitivity": rows}
+        if choice["keep_float"] is None:
+            return PassResult(program, False, {"auto": auto},
+                              f"nothing quantized: no choice of float layers short of all meets the budget {dict(o.budget)}")
+        result = self.quantize(program, None, set(choice["keep_float"]))
+        summary = (f"skip: auto kept {len(choice['keep_float'])} of {len(rows)} layers float to meet "
+                   f"{dict(o.budget)} ({choice['evaluated']} candidates measured); ") + result.summary
+        return PassResult(result.program, result.modified, {**result.stats, "auto": auto}, summary)

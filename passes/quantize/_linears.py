@@ -1,0 +1,163 @@
+"""What the quantization passes share: finding the program's linears (with module names and weights),
+skip rules, and the summary of what was quantized and what was not."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compilekit.ir import WeightEdit
+
+aten = torch.ops.aten
+
+# The adapters that wrap a model for export hold it as `model`; module names are given without that prefix.
+_ADAPTER_PREFIX = "model."
+
+
+@dataclass
+class Linear:
+    node: torch.fx.Node
+    name: str
+    weight: torch.Tensor          # [N, K]
+    bias: torch.fx.Node | None
+    x: torch.fx.Node
+    is_lm_head: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)  # type: ignore[return-value]
+
+
+def module_name(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else node.name
+    return path.removeprefix(_ADAPTER_PREFIX)
+
+
+def find_linears(edit: WeightEdit, graph: torch.fx.Graph) -> tuple[list[Linear], dict[str, str]]:
+    """Every `aten.linear` whose weight is a lifted weight, and the reason for each that is not. A linear named
+    lm_head / embed_out, or whose weight is an embedding table (tied), is marked as the output projection."""
+    found, missed = [], {}
+    # An output projection is named so, or shares its weight with an embedding table (tied).
+    embedding_tables = {id(edit.value(n.args[0])) for n in graph.nodes
+                        if n.op == "call_function" and n.target is aten.embedding.default and edit.value(n.args[0]) is not None}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not aten.linear.default:
+            continue
+        name = module_name(node)
+        x, w = node.args[:2]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        weight = edit.value(w)
+        if weight is None or weight.dim() != 2:
+            missed[name] = "weight is computed, not a stored 2-D weight"
+            continue
+        if bias is not None and edit.value(bias) is None:
+            missed[name] = "bias is computed, not a stored weight"
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        is_head = leaf in ("lm_head", "embed_out") or id(weight) in embedding_tables
+        found.append(Linear(node, name, weight, bias, x, is_head))
+    return found, missed
+
+
+def matches(name: str, patterns: Sequence[str]) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+@dataclass
+class Selection:
+    chosen: list[Linear] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def select(linears: Sequence[Linear], *, skip: Sequence[str], lm_head: bool, missed: dict[str, str],
+           only: set[str] | None = None, keep_float: set[str] = frozenset()) -> Selection:
+    """The linears to quantize: not skipped by pattern, not the lm_head unless asked, within `only` when
+    given, and not in `keep_float` (chosen by `skip: auto`)."""
+    out = Selection(skipped=dict(missed))
+    for lin in linears:
+        pattern = matches(lin.name, skip)
+        if pattern is not None:
+            out.skipped[lin.name] = f"matches skip pattern {pattern!r}"
+        elif lin.is_lm_head and not lm_head:
+            out.skipped[lin.name] = "output projection (lm_head): kept float unless `lm_head: true`"
+        elif lin.name in keep_float:
+            out.skipped[lin.name] = "kept float by `skip: auto` (most sensitive layers)"
+        elif only is None or lin.name in only:
+            out.chosen.append(lin)
+    return out
+
+
+def groups_by_input(linears: Sequence[Linear]) -> list[list[Linear]]:
+    """Linears that read the same tensor (q/k/v; gate/up), in graph order: they share input scales."""
+    groups: dict[torch.fx.Node, list[Linear]] = {}
+    for lin in linears:
+        groups.setdefault(lin.x, []).append(lin)
+    return list(groups.values())
+
+
+def weight_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def summarize(kind: str, quantized: list[dict[str, Any]], skipped: dict[str, str], extra: str = "") -> tuple[str, dict]:
+    before = sum(q["bytes_before"] for q in quantized)
+    after = sum(q["bytes_after"] for q in quantized)
+    sqnr = sorted(q["weight_sqnr_db"] for q in quantized)
+    parts = [f"{len(quantized)} linears -> {kind}" + (f" ({extra})" if extra else "")]
+    if quantized:
+        parts.append(f"weights {before / 2**20:.1f} -> {after / 2**20:.1f} MiB, "
+                     f"weight SQNR min {sqnr[0]:.1f} dB, median {sqnr[len(sqnr) // 2]:.1f} dB")
+    if skipped:
+        shown = ", ".join(f"{n} ({why})" for n, why in list(skipped.items())[:4])
+        parts.append(f"kept float: {len(skipped)}: {shown}" + (" ..." if len(skipped) > 4 else ""))
+    stats = {"quantized": len(quantized), "bytes_before": before, "bytes_after": after,
+             "layers": quantized, "skipped": skipped}
+    return "; ".join(parts), stats
+
+
+_NORM_WEIGHT_ARG = {aten.layer_norm.default: (2, 3), aten.rms_norm.default: (2, None)}
+
+
+def scale_input(edit: WeightEdit, group: Sequence[Linear], inverse: torch.Tensor, *, fold: bool) -> str:
+    """Make the group's shared input `x * inverse` (per input channel): folded into the weight (and bias) of
+    the norm that produces x when nothing else reads x, else an explicit multiply before the group. Returns
+    how: `norm` or `mul`. The caller scales the group's weights by 1 / inverse."""
+    x = group[0].x
+    graph = x.graph
+    spec = _NORM_WEIGHT_ARG.get(x.target) if x.op == "call_function" else None
+    members = {lin.node for lin in group}
+    if fold and spec is not None and set(x.users) <= members | _asserts(x):
+        w_index, b_index = spec
+        args = list(x.args)
+        weight = edit.value(args[w_index]) if len(args) > w_index else None
+        if weight is not None:
+            args[w_index] = edit.add(f"{group[0].name}.input_norm_weight", (weight * inverse).contiguous())
+            if b_index is not None and len(args) > b_index and args[b_index] is not None:
+                bias = edit.value(args[b_index])
+                if bias is None:
+                    return _mul(edit, group, inverse)
+                args[b_index] = edit.add(f"{group[0].name}.input_norm_bias", (bias * inverse).contiguous())
+            x.args = tuple(args)
+            return "norm"
+    return _mul(edit, group, inverse)
+
+
+def _asserts(node: torch.fx.Node) -> set:
+    return {u for u in node.users if u.target is aten._assert_tensor_metadata.default}
+
+
+def _mul(edit: WeightEdit, group: Sequence[Linear], inverse: torch.Tensor) -> str:
+    x = group[0].x
+    factor = edit.add(f"{group[0].name}.input_scale", inverse.contiguous())
+    with x.graph.inserting_before(group[0].node):
+        scaled = x.graph.call_function(aten.mul.Tensor, (x, factor))
+    scaled.meta["val"] = x.meta["val"]
+    for lin in group:
+        lin.node.args = (scaled, *lin.node.args[1:])
+        lin.x = scaled
+    return "mul"

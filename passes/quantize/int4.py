@@ -1,0 +1,162 @@
+"""`quantize.int4_weight_only`: linears to `compilekit::int4_linear`, weights in int4 groups along the input
+dim (one float scale per group, symmetric or with a zero point), activations float (or int8 inside the
+kernel, `compute: int8`, as ORT's MatMulNBits does at accuracy_level 4).
+
+RTN rounds each weight to its nearest level. AWQ (Lin et al., 2024) first scales each input channel j of a
+linear by s_j = mean|X_j|^r (normalized), quantizes W s, and divides the input by s: channels that carry
+large activations get finer weight levels. r is chosen per group of linears reading the same input, from a
+grid on [0, 1), minimizing || X W^T - X Q(W s)^T / s ||^2 on calibration rows. 1 / s must be free at run
+time, so it is folded into what produces X: a norm's weight (q/k/v, gate/up) or the up-projection in
+`silu(gate) * up` (down). A group whose input has no such producer (o_proj) keeps RTN, and the stats say so.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from compilekit import quant
+from compilekit.calibrate import observe_inputs
+from compilekit.ir import Program, WeightEdit
+from compilekit.pipeline import PassResult, register_pass
+
+from ._base import QuantizeOptions, QuantizePass
+from ._linears import Linear, find_linears, groups_by_input, scale_input, select, summarize, weight_bytes
+
+aten = torch.ops.aten
+
+
+def _dequantized(w: torch.Tensor, group_size: int, symmetric: bool) -> torch.Tensor:
+    q = quant.quantize_weight_int4(w, group_size, symmetric=symmetric)
+    return quant.dequantize_weight_int4(q.packed, q.scales, q.zero_points, w.shape[1])
+
+
+def _awq_scale(x: torch.Tensor, w: torch.Tensor, act_mean: torch.Tensor, group_size: int, symmetric: bool,
+               grid: int) -> tuple[torch.Tensor | None, float, float]:
+    """The best input-channel scale for weight rows `w` [N, K] on rows `x` [R, K], its ratio r, and the
+    relative error gain over RTN."""
+    reference = x @ w.t()
+    def error(s: torch.Tensor | None) -> float:
+        approx = _dequantized(w, group_size, symmetric) if s is None else _dequantized(w * s, group_size, symmetric) / s
+        return float((x @ approx.t() - reference).pow(2).mean())
+    rtn = error(None)
+    best, best_s, best_r = rtn, None, 0.0
+    base = act_mean.clamp_min(1e-4)
+    for i in range(1, grid):
+        r = i / grid
+        s = base.pow(r)
+        s = s / (s.max() * s.min()).sqrt()
+        e = error(s)
+        if e < best:
+            best, best_s, best_r = e, s, r
+    return best_s, best_r, (1 - best / rtn) if rtn > 0 else 0.0
+
+
+def _up_projection(x: torch.fx.Node, by_node: dict[torch.fx.Node, Linear]) -> Linear | None:
+    """For x = act(gate) * up with `up` a linear read only by x: that linear."""
+    if x.op != "call_function" or x.target is not aten.mul.Tensor:
+        return None
+    for arg in x.args[:2]:
+        lin = by_node.get(arg) if isinstance(arg, torch.fx.Node) else None
+        if lin is not None and set(arg.users) == {x}:
+            return lin
+    return None
+
+
+@register_pass
+class QuantizeInt4WeightOnlyPass(QuantizePass):
+    name = "quantize.int4_weight_only"
+    kind = "int4"
+    description = "Linears to int4 weight-only groups (RTN or AWQ), ORT MatMulNBits layout."
+
+    class Options(QuantizeOptions):
+        group_size: Literal[32, 64, 128] = Field(32, description="Weights per scale along the input dim.")
+        symmetric: bool = Field(True, description="Symmetric levels (zero point 8); false: a zero point per group.")
+        algorithm: Literal["rtn", "awq"] = Field("rtn", description="rtn: round to nearest; awq: activation-aware "
+                                                 "input-channel scales from calibration.")
+        compute: Literal["int8", "float"] = Field(
+            "int8", description="int8: activations quantized per group inside the kernel (MatMulNBits "
+            "accuracy_level 4, the fastest on CPUs with VNNI); float: dequantize and multiply in float.")
+        awq_grid: int = Field(20, ge=2, description="awq: ratios tried on [0, 1).")
+        awq_rows: int = Field(512, ge=16, description="awq: calibration rows kept per linear for the search.")
+
+    def quantize(self, program: Program, only: set[str] | None, keep_float: set[str]) -> PassResult:
+        o = self.options
+        gm = program.copy_graph()
+        edit = WeightEdit(program, gm)
+        linears, missed = find_linears(edit, gm.graph)
+        selection = select(linears, skip=self.skip_patterns, lm_head=o.lm_head, missed=missed, only=only,
+                           keep_float=keep_float)
+        if not selection.chosen:
+            summary, stats = summarize("int4", [], selection.skipped)
+            return PassResult(program, False, stats, "nothing quantized; " + summary)
+        weights = {lin.name: lin.weight.detach().float() for lin in selection.chosen}
+        awq: dict[str, dict] = {}
+        if o.algorithm == "awq":
+            awq = self._awq(program, edit, linears, selection.chosen, weights)
+        rows = []
+        for lin in selection.chosen:
+            w = weights[lin.name]
+            q = quant.quantize_weight_int4(w, o.group_size, symmetric=o.symmetric)
+            args = (lin.x, edit.add(f"{lin.name}.qweight", q.packed), edit.add(f"{lin.name}.scales", q.scales),
+                    edit.add(f"{lin.name}.zero_points", q.zero_points) if q.zero_points is not None else None,
+                    lin.bias, w.shape[1], o.group_size, o.compute)
+            with gm.graph.inserting_before(lin.node):
+                new = gm.graph.call_function(torch.ops.compilekit.int4_linear.default, args)
+            new.meta.update({k: lin.node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in lin.node.meta})
+            lin.node.replace_all_uses_with(new)
+            gm.graph.erase_node(lin.node)
+            deq = quant.dequantize_weight_int4(q.packed, q.scales, q.zero_points, w.shape[1])
+            rows.append({"name": lin.name, "shape": list(lin.shape), "awq": awq.get(lin.name),
+                         "weight_sqnr_db": round(quant.sqnr_db(w, deq), 2), "bytes_before": weight_bytes(lin.weight),
+                         "bytes_after": sum(weight_bytes(t) for t in (q.packed, q.scales, q.zero_points))})
+        gm.graph.eliminate_dead_code()
+        extra = f"g{o.group_size}, {'symmetric' if o.symmetric else 'asymmetric'}, {o.algorithm}, {o.compute} compute"
+        if awq:
+            scaled = sum(1 for a in awq.values() if a.get("folded"))
+            extra += f", AWQ scales on {scaled} of {len(awq)} linears"
+        summary, stats = summarize("int4", rows, selection.skipped, extra)
+        embeddings = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.embedding.default]
+        emb_bytes = sum(weight_bytes(edit.value(n.args[0])) for n in embeddings if edit.value(n.args[0]) is not None)
+        if emb_bytes:
+            summary += f"; embeddings kept float: {emb_bytes / 2**20:.1f} MiB"
+        stats["embeddings_float_bytes"] = emb_bytes
+        return PassResult(program.with_graph(gm, weights=edit), True, stats, summary)
+
+    def _awq(self, program: Program, edit: WeightEdit, linears: list[Linear], chosen: list[Linear],
+             weights: dict[str, torch.Tensor]) -> dict[str, dict]:
+        o = self.options
+        batches = self.context.calibration_batches(program, self.name)
+        observed = observe_inputs(program, batches, [lin.node.name for lin in chosen], keep_rows=o.awq_rows)
+        by_node = {lin.node: lin for lin in linears}
+        report: dict[str, dict] = {}
+        for group in groups_by_input(chosen):
+            obs = observed[group[0].node.name]
+            w = torch.cat([weights[lin.name] for lin in group])
+            s, ratio, gain = _awq_scale(obs.sample_rows(), w, obs.channel_absmean, o.group_size, o.symmetric,
+                                        o.awq_grid)
+            how = None
+            if s is not None:
+                up = _up_projection(group[0].x, by_node)
+                if up is not None and up.name in weights:
+                    weights[up.name] = weights[up.name] / s[:, None]
+                    if up.bias is not None:
+                        up.bias = edit.add(f"{up.name}.awq_bias", edit.value(up.bias) / s)
+                        up.node.args = (*up.node.args[:2], up.bias)
+                    how = f"folded into {up.name}"
+                elif up is None and group[0].x.target in (aten.rms_norm.default, aten.layer_norm.default):
+                    how = scale_input(edit, group, 1.0 / s, fold=True)
+                    if how == "mul":  # the norm's output is read elsewhere too: undo nothing, but say so
+                        how = "explicit multiply (norm output also read elsewhere)"
+                    else:
+                        how = "folded into the norm"
+                if how is None:
+                    s = None
+            for lin in group:
+                if s is not None:
+                    weights[lin.name] = weights[lin.name] * s
+                report[lin.name] = {"ratio": ratio if s is not None else 0.0, "error_gain": round(gain, 4),
+                                    "folded": how}
+        return report

@@ -1,0 +1,230 @@
+"""quantize.int8 / quantize.int4_weight_only / quantize.fp8: structure, numbers against the eager reference
+(SQNR bounds per format), the lowered ONNX against the program, and the cases where they must do nothing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from compilekit.errors import PassError
+from compilekit.ir import op_histogram
+from compilekit.pipeline import PassContext, get_pass
+from compilekit.targets.onnx import lower_to_onnx
+from compilekit.verify import compare
+
+INT8 = "compilekit.int8_linear"
+INT4 = "compilekit.int4_linear"
+FP8 = "compilekit.fp8_linear"
+
+
+def _batches(tiny, n=3, batch=4, seq=16, seed=1):
+    from compilekit.inputs import make_inputs
+
+    gen = torch.Generator().manual_seed(seed)
+    return [make_inputs(tiny.inputs, {"batch": batch, "seq": seq}, vocab_size=tiny.loaded.vocab_size, generator=gen)
+            for _ in range(n)]
+
+
+def _ctx(batches):
+    return PassContext(calibration=lambda program: batches)
+
+
+def _run(program, batches):
+    return [program.run(b) for b in batches]
+
+
+def _ort(program, batches, tmp_path: Path, flavor="onnxruntime", opset=21):
+    path = lower_to_onnx(program, tmp_path / f"{flavor}.onnx", opset=opset, flavor=flavor)[0]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = [dict(zip(names, map(torch.from_numpy, sess.run(None, {k: v.numpy() for k, v in b.items()}))))
+            for b in batches]
+    return outs, Counter(n.op_type for n in onnx.load(str(path)).graph.node), onnx.load(str(path))
+
+
+def _linears(program):
+    return op_histogram(program.graph).get("aten.linear", 0)
+
+
+# --------------------------------------------------------------------------------------------- int8
+
+@pytest.mark.parametrize("activations", ["dynamic", "per_token", "static"])
+def test_int8_structure_numbers_and_ort(bert, tmp_path, activations):
+    batches = _batches(bert)
+    reference = _run(bert.program, batches)
+    before = _linears(bert.program)
+    result = get_pass("quantize.int8")({"activations": activations}, context=_ctx(batches))(bert.program)
+    assert result.modified
+    hist = op_histogram(result.program.graph)
+    assert hist[INT8] == before and hist.get("aten.linear", 0) == 0  # BERT's pooler is a plain linear: quantized
+    assert result.stats["quantized"] == before and result.stats["bytes_after"] < result.stats["bytes_before"] / 3
+    outs = _run(result.program, batches)
+    metrics = compare(reference, outs)
+    assert metrics["last_hidden_state"].sqnr_db > 25.0  # int8 linears: the error is real, and bounded
+    lowered, ops, _ = _ort(result.program, batches, tmp_path)
+    expected = {"dynamic": "DynamicQuantizeMatMul", "per_token": "MatMulInteger", "static": "MatMulIntegerToFloat"}
+    assert ops[expected[activations]] == before
+    # The lowered model computes the op's reference semantics (ORT's kernel may round a tie the other way).
+    assert compare(outs, lowered)["last_hidden_state"].sqnr_db > 60.0
+
+
+def test_int8_static_tensorrt_flavor_is_standard_qdq(bert, tmp_path):
+    batches = _batches(bert)
+    result = get_pass("quantize.int8")({"activations": "static"}, context=_ctx(batches))(bert.program)
+    outs = _run(result.program, batches)
+    lowered, ops, model = _ort(result.program, batches, tmp_path, flavor="tensorrt", opset=23)
+    assert not [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    assert ops["QuantizeLinear"] >= 1 and ops["DequantizeLinear"] >= _linears(bert.program)
+    # TensorRT wants zero points of 0: every Q/DQ zero point, when given, is an int8 zero.
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2]:
+            zp = inits.get(node.input[2], consts.get(node.input[2]))
+            assert zp is not None and zp.dtype.name == "int8" and not zp.any()
+    assert compare(outs, lowered)["last_hidden_state"].sqnr_db > 60.0
+
+
+def test_int8_dynamic_has_no_tensorrt_form(bert, tmp_path):
+    from compilekit.errors import LoweringError
+
+    result = get_pass("quantize.int8")({}, context=_ctx(_batches(bert)))(bert.program)
+    with pytest.raises(LoweringError, match="no TensorRT form"):
+        lower_to_onnx(result.program, tmp_path / "t.onnx", opset=23, flavor="tensorrt")
+
+
+def test_int8_skip_patterns_and_noop(bert):
+    result = get_pass("quantize.int8")({"skip": ["pooler.*", "*.attention.*"]})(bert.program)
+    names = set(result.stats["skipped"])
+    assert "pooler.dense" in names and all("attention" in n or n == "pooler.dense" for n in names)
+    assert op_histogram(result.program.graph)["aten.linear"] == len(names)
+    # Everything skipped: nothing changes, and the pass says why.
+    noop = get_pass("quantize.int8")({"skip": ["*"]})(bert.program)
+    assert not noop.modified and noop.program is bert.program and "nothing quantized" in noop.summary
+    # Run again on its own output: no linears are left to quantize.
+    again = get_pass("quantize.int8")({})(get_pass("quantize.int8")({})(bert.program).program)
+    assert not again.modified
+
+
+def test_int8_static_without_calibration_is_a_clear_error(bert):
+    with pytest.raises(PassError, match="calibration"):
+        get_pass("quantize.int8")({"activations": "static"})(bert.program)
+
+
+def test_smoothquant_moves_outliers_and_helps(export_module):
+    class Outliers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.norm = torch.nn.LayerNorm(8)
+            self.a = torch.nn.Linear(8, 16)
+            self.b = torch.nn.Linear(8, 16)
+            with torch.no_grad():
+                self.norm.weight[0] = 60.0  # one outlier channel, as in real transformers
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.a(h) + self.b(h)
+
+    program = export_module(Outliers())
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(16, 8, generator=gen)} for _ in range(4)]
+    reference = _run(program, batches)
+    plain = get_pass("quantize.int8")({}, context=_ctx(batches))(program)
+    smooth = get_pass("quantize.int8")({"smoothquant": True}, context=_ctx(batches))(program)
+    # The two linears read one norm output, used by nothing else: one smoothing vector, folded into the norm.
+    assert {row["smoothing"] for row in smooth.stats["layers"]} == {"norm"}
+    assert op_histogram(smooth.program.graph).get("aten.mul.Tensor", 0) == 0
+    err_plain = compare(reference, _run(plain.program, batches))["output"].sqnr_db
+    err_smooth = compare(reference, _run(smooth.program, batches))["output"].sqnr_db
+    assert err_smooth > err_plain + 3.0
+
+
+def test_skip_auto_keeps_the_most_sensitive_layers_and_meets_the_budget(bert):
+    batches = _batches(bert, n=2)
+    ctx = _ctx(batches)
+    reference = _run(bert.program, batches)
+    everything = get_pass("quantize.int8")({}, context=ctx)(bert.program).program
+    full = compare(reference, _run(everything, batches))["last_hidden_state"].sqnr_db
+    budget = {"sqnr_db": full + 5.0}  # stricter than quantizing every layer allows
+    result = get_pass("quantize.int8")({"skip": "auto", "budget": budget, "budget_outputs": ["last_hidden_state"]},
+                                       context=ctx)(bert.program)
+    auto = result.stats["auto"]
+    ranking = [row["layer"] for row in auto["sensitivity"]]
+    assert auto["keep_float"] == ranking[:len(auto["keep_float"])]  # a prefix of the sensitivity ranking
+    assert 0 < len(auto["keep_float"]) < len(ranking)
+    metrics = compare(reference, _run(result.program, batches))
+    assert metrics["last_hidden_state"].sqnr_db >= budget["sqnr_db"]
+    # A budget nothing short of float meets: the pass changes nothing and says so.
+    impossible = get_pass("quantize.int8")({"skip": "auto", "budget": {"max_abs": 0.0}}, context=ctx)(bert.program)
+    assert not impossible.modified and "no choice" in impossible.summary
+
+
+# --------------------------------------------------------------------------------------------- int4
+
+@pytest.mark.parametrize("options", [{}, {"compute": "float", "symmetric": False, "group_size": 64},
+                                     {"algorithm": "awq", "lm_head": True}])
+def test_int4_structure_numbers_and_ort(llama, tmp_path, options):
+    batches = _batches(llama)
+    reference = _run(llama.program, batches)
+    result = get_pass("quantize.int4_weight_only")(options, context=_ctx(batches))(llama.program)
+    hist = op_histogram(result.program.graph)
+    lm_head = options.get("lm_head", False)
+    assert hist.get("aten.linear", 0) == (0 if lm_head else 1)  # the lm_head stays float unless asked
+    assert ("lm_head" in result.stats["skipped"]) != lm_head
+    outs = _run(result.program, batches)
+    assert compare(reference, outs)["logits"].sqnr_db > 10.0  # int4 g32-g64 on random weights
+    lowered, ops, _ = _ort(result.program, batches, tmp_path)
+    assert ops["MatMulNBits"] == hist[INT4]
+    # float compute is the dequantized matmul exactly; int8 compute quantizes activations as MatMulNBits does.
+    assert compare(outs, lowered)["logits"].sqnr_db > (90.0 if options.get("compute") == "float" else 60.0)
+
+
+def test_awq_beats_rtn_on_outlier_channels(export_module):
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.norm = torch.nn.RMSNorm(8)
+            self.gate = torch.nn.Linear(8, 32, bias=False)
+            self.up = torch.nn.Linear(8, 32, bias=False)
+            self.down = torch.nn.Linear(32, 8, bias=False)
+            with torch.no_grad():
+                self.norm.weight[:2] = 20.0  # outlier channels into gate/up
+                self.up.weight[:4] *= 20.0   # and into down
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+    from compilekit.passes.fuse_norm import FuseNormPass
+
+    program = FuseNormPass()(export_module(Block())).program
+    gen = torch.Generator().manual_seed(2)
+    batches = [{"x": torch.randn(16, 8, generator=gen)} for _ in range(4)]
+    reference = _run(program, batches)
+    options = {"group_size": 32, "compute": "float"}
+    rtn = get_pass("quantize.int4_weight_only")(options, context=_ctx(batches))(program)
+    awq = get_pass("quantize.int4_weight_only")({**options, "algorithm": "awq"}, context=_ctx(batches))(program)
+    folds = {row["name"]: row["awq"]["folded"] for row in awq.stats["layers"]}
+    assert folds["gate"] == folds["up"] == "folded into the norm" and folds["down"] == "folded into up"
+    assert op_histogram(awq.program.graph).get("aten.mul.Tensor", 0) == op_histogram(program.graph)["aten.mul.Tensor"]
+    sqnr = {name: compare(reference, _run(r.program, batches))["output"].sqnr_db for name, r in
+            (("rtn", rtn), ("awq", awq))}
+    assert sqnr["awq"] > sqnr["rtn"]
+
+
+def test_int4_noop_without_linears(export_module):
+    class NoLinear(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x) * 2
+
+    program = export_module(NoLinear())
+    result = get_pass("quantize.int4_weight_only")({})(program)
+    assert not result.modified and result.program is program
