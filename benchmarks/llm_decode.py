@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Decoder-LLM generation on CPU: SmolLM2-135M-Instruct fp32, HF eager vs onnxruntime-genai vs compilekit.
+"""Decoder-LLM generation on CPU: SmolLM2-135M-Instruct, HF eager vs onnxruntime-genai vs llama.cpp vs compilekit.
 
 A benchmark, not a test: it prints one markdown table (a row per engine and batch) and exits 0 unless it
 crashes. Rows that cannot run (a missing venv, compilekit.generation not written yet) are skipped with a
@@ -11,6 +11,12 @@ Rows
   onnxruntime-genai  `python -m onnxruntime_genai.models.builder -i HF_FOLDER -p fp32 -e cpu` on the same
                      weights saved as a Hugging Face folder, run with og.Model / og.Generator. It runs under
                      its own venv (--genai-python), built once under --cache-dir.
+  onnxruntime-genai-int4  the same builder with `-p int4` (its CPU default: MatMulNBits, block 32,
+                     accuracy level 4).
+  llama.cpp          llama-cpp-python on the GGUF itself (Q4_1 linears, Q8_0 embeddings), greedy, under its
+                     own venv (--llamacpp-python; it builds llama.cpp from source with pip, ~10 minutes:
+                     python3 -m venv V && V/bin/pip install llama-cpp-python==0.3.36). Batch 1 only: the
+                     Python API decodes one sequence.
   LABEL              one per --artifact LABEL=REF: compilekit.generation.load_generator(REF, threads=...)
                      and gen.generate(input_ids, max_new_tokens=N, greedy=True, ignore_eos=True).
 
@@ -19,6 +25,9 @@ never share a process with torch. Every engine gets the same token ids: --prompt
 (pydoc_data.topics, one topic per batch element, so the windows differ but have the same length: no
 padding, no attention mask). Exactly --new-tokens tokens are generated, greedy, with EOS suppressed.
 One warm-up generation, then the median of --repeats generations.
+
+--perplexity W also measures each row's perplexity on W held-out windows of 256 tokens (pydoc topics, past
+the prompt text), from the logits of one prefill per window, so speed is compared at known accuracy.
 
 Usage: .venv/bin/python benchmarks/llm_decode.py [--threads 2] [--batches 1,4] [--new-tokens 64]
        [--prompt-tokens 128] [--repeats 3] [--rows hf-eager,onnxruntime-genai,LABEL]
@@ -49,11 +58,15 @@ from typing import Any, Self
 REPO = Path(__file__).resolve().parent.parent
 HF_EAGER = "hf-eager"
 GENAI = "onnxruntime-genai"
-PEERS = (HF_EAGER, GENAI)
+GENAI_INT4 = "onnxruntime-genai-int4"
+LLAMACPP = "llama.cpp"
+PEERS = (HF_EAGER, GENAI, GENAI_INT4, LLAMACPP)
+PPL_LENGTH = 256
 RESULT_TAG = "RESULT "
 DISTURBED_CORES = 0.10  # other processes' average CPU use during timing above which a row is suspect
 HF_FOLDER = "smollm2-135m-instruct-fp32-hf"
-GENAI_FOLDER = "smollm2-135m-instruct-fp32-ortgenai"
+GENAI_FOLDERS = {GENAI: "smollm2-135m-instruct-fp32-ortgenai", GENAI_INT4: "smollm2-135m-instruct-int4-ortgenai"}
+GENAI_PRECISION = {GENAI: "fp32", GENAI_INT4: "int4"}
 GENAI_SETUP = (
     "python3 -m venv {venv} && {venv}/bin/pip install onnxruntime-genai torch transformers onnx onnx-ir tqdm"
     "  # torch/transformers/onnx-ir are for the model builder only"
@@ -128,7 +141,46 @@ def child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
             if len(windows) == count:
                 break
         prompts.write_text(json.dumps({"prompt_tokens": length, "windows": windows}))
+    data = json.loads(prompts.read_text())
+    if spec.get("perplexity") and len(data.get("ppl_windows", [])) < spec["perplexity"]:
+        import pydoc_data.topics
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ppl = []
+        # Held out from the prompts: text after each topic's first 512 tokens, from the last topics back.
+        for key in sorted(pydoc_data.topics.topics, reverse=True):
+            ids = tokenizer(pydoc_data.topics.topics[key], add_special_tokens=False)["input_ids"]
+            if len(ids) >= 512 + PPL_LENGTH:
+                ppl.append(ids[512:512 + PPL_LENGTH])
+            if len(ppl) == spec["perplexity"]:
+                break
+        data["ppl_windows"] = ppl
+        prompts.write_text(json.dumps(data))
     return {"hf_folder": str(folder)}
+
+
+def ppl_windows(spec: dict[str, Any]) -> list[list[int]]:
+    if not spec.get("perplexity"):
+        return []
+    return json.loads(Path(spec["prompts"]).read_text()).get("ppl_windows", [])[: spec["perplexity"]]
+
+
+def perplexity(windows: list[list[int]], logits_for) -> float | None:
+    """exp(mean next-token NLL) over the windows; `logits_for(ids)` gives [len(ids), vocab] logits."""
+    import math
+
+    import numpy as np
+
+    if not windows:
+        return None
+    total, count = 0.0, 0
+    for ids in windows:
+        logits = np.asarray(logits_for(ids), dtype=np.float64)[:-1]
+        logits = logits - logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
+        count += len(ids) - 1
+    return math.exp(total / count)
 
 
 def child_genai_build(spec: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +191,7 @@ def child_genai_build(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", spec["hf_folder"], "-o", str(tmp),
-         "-p", "fp32", "-e", "cpu", "-c", str(out.with_name(out.name + ".builder-cache"))],
+         "-p", spec.get("precision", "fp32"), "-e", "cpu", "-c", str(out.with_name(out.name + ".builder-cache"))],
         check=True, stdout=sys.stderr,  # the builder prints progress on stdout; keep ours for RESULT
     )
     seconds = time.perf_counter() - start
@@ -249,7 +301,10 @@ def child_hf_eager(spec: dict[str, Any]) -> dict[str, Any]:
             "tokens": tokens.tolist(), "kv_cache_bytes": kv, "cache": "DynamicCache (concat)",
         }
 
-    return timed_runs(spec, generate)
+    result = timed_runs(spec, generate)
+    with torch.no_grad():
+        result["perplexity"] = perplexity(ppl_windows(spec), lambda ids: model(torch.tensor([ids])).logits[0].numpy())
+    return result
 
 
 def child_genai(spec: dict[str, Any]) -> dict[str, Any]:
@@ -289,6 +344,18 @@ def child_genai(spec: dict[str, Any]) -> dict[str, Any]:
         return first - start, (n - 1) * batch / (end - first), {"tokens": [[int(t) for t in s] for s in tokens]}
 
     result = timed_runs(spec, generate)
+
+    def logits_for(ids):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 1, batch_size=1, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray([ids], dtype=np.int32))
+        return np.asarray(generator.get_output("logits")).reshape(len(ids), -1)
+
+    try:
+        result["perplexity"] = perplexity(ppl_windows(spec), logits_for)
+    except Exception as exc:  # noqa: BLE001 - an older genai may not expose the prefill logits
+        result["perplexity_error"] = f"{type(exc).__name__}: {exc}"
     # With past_present_share_buffer the KV buffer is allocated for max_length up front.
     dec = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["decoder"]
     shared = genai_search(folder).get("past_present_share_buffer", False)
@@ -324,15 +391,67 @@ def child_compilekit(spec: dict[str, Any]) -> dict[str, Any]:
         }
 
     result = timed_runs(spec, generate)
+
+    def logits_for(ids):
+        gen.decoder.start(1)
+        return gen.decoder.step(np.asarray([ids], dtype=np.int64))[0]
+
+    import numpy as np
+
+    result["perplexity"] = perplexity(ppl_windows(spec), logits_for)
     describe = gen.describe()
     result["describe"] = describe
     result["cache"] = f"{describe.get('cache')} / {describe.get('layout')}"
     return result
 
 
+def child_llamacpp(spec: dict[str, Any]) -> dict[str, Any]:
+    """llama-cpp-python venv: the GGUF itself, greedy (top_k 1), one sequence."""
+    if spec["batch"] != 1:
+        return {"skipped_batch": "llama-cpp-python decodes one sequence at a time"}
+    from llama_cpp import Llama
+
+    prompt = load_prompt(spec)[0]
+    n = spec["new_tokens"]
+    windows = ppl_windows(spec)
+    def load(logits_all: bool) -> Llama:
+        return Llama(model_path=spec["gguf"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                     n_ctx=max(len(prompt) + n, PPL_LENGTH) + 8, n_batch=512, logits_all=logits_all, verbose=False)
+
+    llm = load(False)  # all-position logits only for perplexity: they would slow the timed prefill
+
+    def generate():
+        llm.reset()
+        start = time.perf_counter()
+        tokens, first = [], None
+        for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            if first is None:
+                first = time.perf_counter()
+            tokens.append(int(token))
+            if len(tokens) == n:  # EOS is not a stop here: generation runs on, as for every row
+                break
+        end = time.perf_counter()
+        return first - start, (n - 1) / (end - first), {"tokens": [tokens]}
+
+    result = timed_runs(spec, generate)
+
+    if windows:
+        del llm
+        scorer = load(True)
+
+        def logits_for(ids):
+            scorer.reset()
+            scorer.eval(ids)
+            return scorer.scores[: len(ids)]
+
+        result["perplexity"] = perplexity(windows, logits_for)
+    result["cache"] = "llama.cpp KV cache (f16)"
+    return result
+
+
 CHILDREN = {
     "prepare": child_prepare, "genai-build": child_genai_build,
-    HF_EAGER: child_hf_eager, GENAI: child_genai, "compilekit": child_compilekit,
+    HF_EAGER: child_hf_eager, GENAI: child_genai, "compilekit": child_compilekit, LLAMACPP: child_llamacpp,
 }
 
 
@@ -397,13 +516,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=REPO / ".bench-cache")
     p.add_argument("--genai-python", type=Path, default=None,
                    help="python of the onnxruntime-genai venv (default: CACHE_DIR/genai-venv/bin/python)")
+    p.add_argument("--llamacpp-python", type=Path, default=None,
+                   help="python of the llama-cpp-python venv (default: CACHE_DIR/llamacpp-venv/bin/python)")
+    p.add_argument("--perplexity", type=int, default=0, metavar="W",
+                   help="also measure perplexity on W held-out windows of 256 tokens (0: off)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def run_round(rows, batches, skipped, common, args, main_python, genai_python, genai_dir, artifacts, round_index):
+def run_round(rows, batches, skipped, common, args, main_python, genai_python, genai_dirs, artifacts, round_index,
+              llamacpp_python=None, notes=None):
     """One pass over (row, batch), each in its own process; yields (row, batch, result)."""
     for row in rows:
         if row in skipped:
@@ -412,8 +536,10 @@ def run_round(rows, batches, skipped, common, args, main_python, genai_python, g
             spec = {**common, "batch": batch}
             if row == HF_EAGER:
                 python, spec["kind"] = main_python, HF_EAGER
-            elif row == GENAI:
-                python, spec["kind"], spec["model_dir"] = genai_python, GENAI, str(genai_dir)
+            elif row in GENAI_FOLDERS:
+                python, spec["kind"], spec["model_dir"] = genai_python, GENAI, str(genai_dirs[row])
+            elif row == LLAMACPP:
+                python, spec["kind"], spec["gguf"] = llamacpp_python, LLAMACPP, str(find_gguf())
             else:
                 python, spec["kind"], spec["ref"] = main_python, "compilekit", artifacts[row]
                 spec["registry"] = str(args.registry) if args.registry else None
@@ -425,6 +551,10 @@ def run_round(rows, batches, skipped, common, args, main_python, genai_python, g
             if "skipped" in res:
                 skipped[row] = res["skipped"]
                 break
+            if "skipped_batch" in res:
+                if notes is not None and round_index == 0:
+                    notes.append(f"{row}: batch {batch} skipped: {res['skipped_batch']}")
+                continue
             yield row, batch, res
 
 
@@ -450,30 +580,38 @@ def main(argv: list[str] | None = None) -> int:
     prompts = cache / f"prompts-{args.prompt_tokens}.json"
     main_python = sys.executable
     genai_python = str(args.genai_python or cache / "genai-venv" / "bin" / "python")
+    llamacpp_python = str(args.llamacpp_python or cache / "llamacpp-venv" / "bin" / "python")
     common = {"threads": args.threads, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "prompts": str(prompts), "prompt_tokens": args.prompt_tokens}
+              "prompts": str(prompts), "prompt_tokens": args.prompt_tokens, "perplexity": args.perplexity}
 
     log("prepare: HF folder and prompts")
     prep = run_child(main_python, {"kind": "prepare", "cache_dir": str(cache), "prompts": str(prompts),
-                                   "prompt_tokens": args.prompt_tokens, "max_batch": max(batches)}, args.timeout)
+                                   "prompt_tokens": args.prompt_tokens, "max_batch": max(batches),
+                                   "perplexity": args.perplexity}, args.timeout)
 
     skipped: dict[str, str] = {}
     notes: list[str] = []
-    genai_dir = cache / GENAI_FOLDER
-    if GENAI in rows:
+    genai_dirs = {row: cache / folder for row, folder in GENAI_FOLDERS.items()}
+    for row, genai_dir in genai_dirs.items():
+        if row not in rows:
+            continue
         if not Path(genai_python).exists():
-            skipped[GENAI] = f"no venv at {genai_python}; make it with: " + GENAI_SETUP.format(
+            skipped[row] = f"no venv at {genai_python}; make it with: " + GENAI_SETUP.format(
                 venv=Path(genai_python).parent.parent)
         elif not (genai_dir / "genai_config.json").exists():
-            log("onnxruntime-genai: building the fp32 CPU model (once)")
+            log(f"{row}: building the {GENAI_PRECISION[row]} CPU model (once)")
             try:
                 built = run_child(genai_python, {"kind": "genai-build", "hf_folder": prep["hf_folder"],
-                                                 "out": str(genai_dir)}, args.timeout)
-                log(f"onnxruntime-genai: built in {built['build_s']:.1f} s")
+                                                 "out": str(genai_dir), "precision": GENAI_PRECISION[row]},
+                                  args.timeout)
+                log(f"{row}: built in {built['build_s']:.1f} s")
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                skipped[GENAI] = f"model build failed: {exc}"
-        if GENAI not in skipped:
-            notes.append(genai_note(genai_python, genai_dir))
+                skipped[row] = f"model build failed: {exc}"
+        if row not in skipped:
+            notes.append(f"{row}: " + genai_note(genai_python, genai_dir))
+    if LLAMACPP in rows and not Path(llamacpp_python).exists():
+        skipped[LLAMACPP] = (f"no venv at {llamacpp_python}; make it with: python3 -m venv V && "
+                             "V/bin/pip install llama-cpp-python==0.3.36 (builds llama.cpp, ~10 min)")
 
     # Rounds: every (row, batch) runs once per round, rows in alternating order, and the round with the
     # median decode speed is reported. This machine's speed drifts by 20% or more within minutes, so rows
@@ -482,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_index in range(args.rounds):
         order = rows if round_index % 2 == 0 else rows[::-1]
         for row, batch, res in run_round(order, batches, skipped, common, args, main_python, genai_python,
-                                         genai_dir, artifacts, round_index):
+                                         genai_dirs, artifacts, round_index, llamacpp_python, notes):
             by_key.setdefault((row, batch), []).append(res)
     results: list[dict[str, Any]] = []
     for row in rows:
@@ -499,12 +637,12 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{r['row']} (batch {r['batch']}): decode tok/s per round {r['decode_tok_s_rounds']}")
 
     reference = {r["batch"]: r["tokens"] for r in results if r["row"] == HF_EAGER}
-    print(f"\nSmolLM2-135M-Instruct fp32, CPU, {args.threads} threads, {args.new_tokens} new tokens (greedy, EOS "
+    print(f"\nSmolLM2-135M-Instruct, CPU, {args.threads} threads, {args.new_tokens} new tokens (greedy, EOS "
           f"ignored), median of {args.repeats} after 1 warm-up, median round of {args.rounds}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs\n")
     print("| engine | batch | prompt tokens | TTFT ms | decode tok/s | peak RSS MB | KV cache MB "
-          "| same tokens as hf-eager | other load (cores) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+          "| same tokens as hf-eager | perplexity | other load (cores) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in results:
         ref = reference.get(r["batch"])
         same = "—" if ref is None or r["row"] == HF_EAGER else \
@@ -512,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         kv = r.get("kv_cache_bytes")
         print(f"| {r['row']} | {r['batch']} | {args.prompt_tokens} | {fmt(r['ttft_ms'])} | {fmt(r['decode_tok_s'])} "
               f"| {fmt(r['peak_rss_mb'], 0)} | {fmt(kv / 2**20 if kv is not None else None)} | {same} "
-              f"| {fmt(r['other_load_cores'], 2)} |")
+              f"| {fmt(r.get('perplexity'), 3)} | {fmt(r['other_load_cores'], 2)} |")
     print()
     disturbed = [f"{r['row']} batch {r['batch']}" for r in results if (r["other_load_cores"] or 0) > DISTURBED_CORES]
     if disturbed:
@@ -521,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if "describe" in r:
             notes.append(f"{r['row']} (batch {r['batch']}): describe() = {json.dumps(r['describe'])}")
+    for r in results:
+        if "perplexity_error" in r:
+            notes.append(f"{r['row']}: perplexity not measured: {r['perplexity_error']}")
     for row, reason in skipped.items():
         notes.append(f"{row}: skipped: {reason}")
     for note in notes:

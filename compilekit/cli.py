@@ -129,12 +129,22 @@ def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Pat
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--after", "after", default=None, metavar="PASS", help="Show the program after this pass of the recipe.")
 @click.option("--graph", is_flag=True, help="Print the whole FX graph too.")
-def inspect(recipe: Path, after: str | None, graph: bool) -> None:
+@click.option("--sensitivity", is_flag=True, help="Quantize one layer at a time with the recipe's quantization pass "
+              "and report each layer's output error (on calibration data), most sensitive first.")
+@click.option("--json", "as_json", is_flag=True, help="--sensitivity: print the rows as JSON on stdout.")
+def inspect(recipe: Path, after: str | None, graph: bool, sensitivity: bool, as_json: bool) -> None:
     """Print the Program of RECIPE after export (or after --after PASS): signature, ops, parameters."""
-    from .compile import inspect_recipe
+    from .compile import inspect_recipe, sensitivity_report
     from .recipe import load_recipe
 
     def go() -> None:
+        if sensitivity:
+            name, rows = sensitivity_report(load_recipe(recipe), reporter=RichReporter(err))
+            if as_json:
+                click.echo(json.dumps({"pass": name, "layers": rows}))
+                return
+            _print_sensitivity(name, rows)
+            return
         program, ledger = inspect_recipe(load_recipe(recipe), after=after, reporter=RichReporter(err))
         click.echo(f"# program after {after or 'export'}")
         for row in ledger:
@@ -142,6 +152,26 @@ def inspect(recipe: Path, after: str | None, graph: bool) -> None:
         click.echo(program.describe(graph=graph))
 
     _run(go)
+
+
+def _print_sensitivity(pass_name: str, rows: list[dict]) -> None:
+    from rich.table import Table
+
+    outputs = list(rows[0]["outputs"]) if rows else []
+    table = Table(title=f"{pass_name}: each layer quantized alone, error against the unquantized program "
+                        "(calibration data), most sensitive first")
+    table.add_column("#", justify="right")
+    table.add_column("layer")
+    for o in outputs:
+        table.add_column(f"{o} SQNR dB", justify="right")
+        table.add_column(f"{o} cosine min", justify="right")
+    for i, row in enumerate(rows, 1):
+        cells = []
+        for o in outputs:
+            m = row["outputs"][o]
+            cells += [f"{m['sqnr_db']:.2f}", f"{m['cosine_min']:.6f}"]
+        table.add_row(str(i), row["layer"], *cells)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 @cli.command("passes")

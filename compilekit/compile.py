@@ -630,6 +630,26 @@ def inspect_recipe(loaded: LoadedRecipe, *, after: str | None = None, reporter: 
                            context=calibration_context(loaded, model, adapter, reporter)).run(program, stop_after=after)
 
 
+def sensitivity_report(loaded: LoadedRecipe, *, reporter: Reporter | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """Per-layer sensitivity of the recipe's first pass that measures it (a quantization pass): the passes
+    before it run, then each layer is quantized alone and its output error measured on calibration data."""
+    reporter = reporter or Reporter()
+    timer = _Timer(reporter)
+    passes, _target, model, adapter, _batches, _reference, program = prepare(loaded, reporter, timer)
+    index = next((i for i, p in enumerate(passes) if hasattr(p, "sensitivity")), None)
+    if index is None:
+        raise loaded.error(("passes",), "--sensitivity needs a quantization pass in the recipe, and it has none",
+                           hint="add e.g. `- quantize.int8` or `- quantize.int4_weight_only` to `passes`")
+    context = calibration_context(loaded, model, adapter, reporter)
+    with timer("passes", f"{index} pass(es) before {passes[index].name}"):
+        program, _ = PassManager(passes[:index], context=context).run(program)
+    target_pass = passes[index]
+    target_pass.context = context
+    with timer("sensitivity", f"{target_pass.name}, one layer at a time"):
+        rows = target_pass.sensitivity(program, lambda done, total: reporter.progress("sensitivity", done, total))
+    return target_pass.name, rows
+
+
 def load_artifact(ref: str, *, registry: Path | None = None, threads: int | None = None,
                   verify: bool = True, overrides: dict[str, Any] | None = None) -> tuple[Artifact, Any]:
     """Resolve a stored artifact (id, prefix, name[:version], or its directory), check its file digests, and

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import PassError, RecipeError
+from .errors import CompilekitError, PassError, RecipeError
 from .ir import Program, op_histogram
 
 # ---------------------------------------------------------------------------------------------- passes
@@ -289,7 +289,7 @@ class PassManager:
             start = time.perf_counter()
             try:
                 result = p(program)
-            except PassError:
+            except CompilekitError:  # a user's error (bad calibration data, a pass error): already actionable
                 raise
             except Exception as exc:  # a pass bug must still say which pass, after which passes
                 raise PassError(f"pass {p.name} failed: {type(exc).__name__}: {exc}",

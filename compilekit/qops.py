@@ -10,8 +10,9 @@ M = 256 rows, K x N = 384 x 1536, ORT 1.32; p50 of 200 runs):
   So `dynamic` lowers to DynamicQuantizeMatMul, `static` to QuantizeLinear(uint8, zero point 128) +
   MatMulIntegerToFloat (the same integers as symmetric int8, shifted by 128), `per_token` to the
   MatMulInteger form (more accurate, not faster than fp32 on this CPU).
-- int4: `MatMulNBits`; at one row (decode), `accuracy_level` 4 (int8 activations per block) ran in 23 us
-  against 41 us for float compute (K x N = 576 x 1536).
+- int4 / int8 groups: `MatMulNBits`; at one row (decode), `accuracy_level` 4 (int8 activations per block)
+  ran in 23 us against 41 us for float compute (K x N = 576 x 1536). Its float `zero_points` take 481 us,
+  so asymmetric groups keep the default zero point and add their offsets outside (`nbits_linear`).
 The tensorrt flavor is standard Q/DQ, which its parser takes (zero points 0): only static activations,
 since TensorRT has no dynamic int8 quantization.
 """
@@ -105,35 +106,45 @@ register_translation("onnxruntime", torch.ops.compilekit.int8_linear.default)(_i
 register_translation("tensorrt", torch.ops.compilekit.int8_linear.default)(_int8_linear_qdq)
 
 
-# ------------------------------------------------------------------------------------------ int4 linear
-# compilekit::int4_linear(x, packed, scales, zero_points, bias, in_features, group_size, compute) -> y
-#   Weight in ORT MatMulNBits layout (quant.Int4Weight). compute: `float` (dequantize, float matmul) or
-#   `int8` (the activation also quantized to symmetric int8 per row and per group, as MatMulNBits does at
-#   accuracy_level 4).
+# ----------------------------------------------------------------------------------------- nbits linear
+# compilekit::nbits_linear(x, packed, scales, offsets, bias, in_features, group_size, bits, compute) -> y
+#   Weight in ORT MatMulNBits layout (quant.NBitsWeight), bits 4 or 8; offsets [N, K/g] or None (symmetric).
+#   compute: `float` (dequantize, float matmul) or `int8` (the activation quantized to symmetric int8 per row
+#   and per group, as MatMulNBits does at accuracy_level 4). Offsets multiply the float per-group sums of x.
 
 
-def int4_linear_reference(x, packed, scales, zero_points, bias, in_features: int, group_size: int, compute: str):
-    w = quant.dequantize_weight_int4(packed, scales, zero_points, in_features)
+def _group_sums(x: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    pad = -in_features % group_size
+    padded = torch.nn.functional.pad(x, (0, pad)) if pad else x
+    return padded.reshape(*x.shape[:-1], -1, group_size).sum(-1)
+
+
+def nbits_linear_reference(x, packed, scales, offsets, bias, in_features: int, group_size: int, bits: int,
+                           compute: str):
+    w = quant.dequantize_weight_nbits(packed, scales, None, in_features, bits)
     xf = x.float()
+    xq = xf
     if compute == "int8":
         pad = -in_features % group_size
         padded = torch.nn.functional.pad(xf, (0, pad)) if pad else xf
         groups = padded.reshape(*xf.shape[:-1], -1, group_size)
         scale = groups.abs().amax(-1, keepdim=True) / 127.0
         inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-        xf = (torch.round(groups * inverse) * scale).reshape(padded.shape)[..., :in_features]
-    y = torch.nn.functional.linear(xf, w, bias)
+        xq = (torch.round(groups * inverse) * scale).reshape(padded.shape)[..., :in_features]
+    y = torch.nn.functional.linear(xq, w, bias)
+    if offsets is not None:
+        y = y + _group_sums(xf, group_size, in_features) @ offsets.t()
     return y.to(x.dtype)
 
 
-@torch.library.custom_op("compilekit::int4_linear", mutates_args=())
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
-                bias: torch.Tensor | None, in_features: int, group_size: int, compute: str) -> torch.Tensor:
-    return int4_linear_reference(x, packed, scales, zero_points, bias, in_features, group_size, compute)
+@torch.library.custom_op("compilekit::nbits_linear", mutates_args=())
+def nbits_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                 bias: torch.Tensor | None, in_features: int, group_size: int, bits: int, compute: str) -> torch.Tensor:
+    return nbits_linear_reference(x, packed, scales, offsets, bias, in_features, group_size, bits, compute)
 
 
-@int4_linear.register_fake
-def _int4_linear_fake(x, packed, scales, zero_points, bias, in_features, group_size, compute):
+@nbits_linear.register_fake
+def _nbits_linear_fake(x, packed, scales, offsets, bias, in_features, group_size, bits, compute):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
@@ -150,17 +161,31 @@ def _register_nbits_schema() -> None:
         required=("K", "N", "block_size"))
 
 
-def _int4_linear_nbits(x, packed, scales, zero_points, bias, in_features: int, group_size: int, compute: str):
+def _nbits_linear_ort(x, packed, scales, offsets, bias, in_features: int, group_size: int, bits: int,
+                      compute: str):
+    """MatMulNBits with its default (midpoint) zero point: its fast int8-compute path. Offsets are added as
+    a small float MatMul of per-group sums: measured here, MatMulNBits with float zero points instead takes
+    ~20x longer at one row (481 us against 23 us, K x N = 576 x 1536), and ignores accuracy_level."""
     from onnxscript import opset18 as op
 
     _register_nbits_schema()
     n = packed.shape[0]
     flat_scales = op.Reshape(scales, op.Constant(value_ints=[-1]))
-    return _msft().MatMulNBits(x, packed, flat_scales, zero_points, None, bias, K=in_features, N=n, bits=4,
-                               block_size=group_size, accuracy_level=4 if compute == "int8" else 0)
+    y = _msft().MatMulNBits(x, packed, flat_scales, None, None, bias, K=in_features, N=n, bits=bits,
+                            block_size=group_size, accuracy_level=4 if compute == "int8" else 0)
+    if offsets is None:
+        return y
+    pad = -in_features % group_size
+    xp = x
+    if pad:  # zero-pad the last dim to whole groups: pads = [0] * (2 * rank - 1) + [pad]
+        zeros = op.Sub(op.Mul(op.Shape(op.Shape(x)), op.Constant(value_ints=[2])), op.Constant(value_ints=[1]))
+        xp = op.Pad(x, op.Concat(op.Expand(op.Constant(value_ints=[0]), zeros), op.Constant(value_ints=[pad]), axis=0))
+    shape = op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[-1, group_size]), axis=0)
+    sums = op.ReduceSum(op.Reshape(xp, shape), op.Constant(value_ints=[-1]), keepdims=0)
+    return op.Add(y, op.MatMul(sums, op.Transpose(offsets, perm=[1, 0])))
 
 
-register_translation("onnxruntime", torch.ops.compilekit.int4_linear.default)(_int4_linear_nbits)
+register_translation("onnxruntime", torch.ops.compilekit.nbits_linear.default)(_nbits_linear_ort)
 
 
 # ------------------------------------------------------------------------------------------- fp8 linear
@@ -200,5 +225,5 @@ for _flavor in ("onnxruntime", "tensorrt"):
     register_translation(_flavor, torch.ops.compilekit.fp8_linear.default)(_fp8_linear_qdq)
 
 
-QUANTIZED_LINEARS = (torch.ops.compilekit.int8_linear.default, torch.ops.compilekit.int4_linear.default,
+QUANTIZED_LINEARS = (torch.ops.compilekit.int8_linear.default, torch.ops.compilekit.nbits_linear.default,
                      torch.ops.compilekit.fp8_linear.default)

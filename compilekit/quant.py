@@ -8,10 +8,10 @@ Formats (each matches its ONNX Runtime kernel bit for bit, so the ledger error i
     (range widened to include 0, scale = range / 255, zero point rounded and saturated);
   - `per_token`: symmetric int8, one scale per row (token), absmax / 127;
   - `static`: symmetric int8 per tensor, the scale fixed from calibration, saturating at [-128, 127].
-- int4 weights: groups of `group_size` along the input dim, one float scale per group, values stored as
-  unsigned nibbles 0..15 with a zero point (8 when symmetric), two to a byte, low nibble first: the layout
-  of ORT's `MatMulNBits` ([N, K / group, group / 2] bytes, scales [N, K / group], zero points [N,
-  ceil(K / group / 2)] bytes).
+- int4 / int8 block weights: groups of `group_size` along the input dim, one float scale per group,
+  unsigned levels around the midpoint 2^(bits-1), int4 two to a byte, low nibble first: the layout of ORT's
+  `MatMulNBits` ([N, K / group, group * bits / 8] bytes, scales [N, K / group]). Asymmetric groups add a
+  float offset per group (`quantize_weight_nbits`).
 - fp8: E4M3 (`torch.float8_e4m3fn`), per tensor, scale = absmax / 448.
 
 Rounding is half to even everywhere (torch.round and ONNX agree).
@@ -44,35 +44,53 @@ def dequantize_weight_int8(q_kn: torch.Tensor, scale: torch.Tensor) -> torch.Ten
 
 
 @dataclass(frozen=True)
-class Int4Weight:
-    packed: torch.Tensor        # uint8 [N, K/g, g/2]
-    scales: torch.Tensor        # float32 [N, K/g]
-    zero_points: torch.Tensor | None  # uint8 [N, ceil(K/g/2)]; None = symmetric (zero point 8)
+class NBitsWeight:
+    packed: torch.Tensor          # uint8 [N, K/g, g * bits / 8]
+    scales: torch.Tensor          # float32 [N, K/g]
+    offsets: torch.Tensor | None  # float32 [N, K/g]; None = symmetric
     group_size: int
+    bits: int
 
 
-def quantize_weight_int4(weight: torch.Tensor, group_size: int, *, symmetric: bool = True) -> Int4Weight:
-    """[N, K] float -> int4 groups along K (the last group zero-padded when K is not a multiple). Symmetric: q = round(w / s) in [-8, 7] stored as q + 8, with
-    s = absmax / 7 (so +absmax is representable; -8 is never produced). Asymmetric: [min, max] of each group
-    (widened to include 0) onto 0..15 with a per-group zero point."""
+def quantize_weight_nbits(weight: torch.Tensor, group_size: int, *, bits: int = 4,
+                          symmetric: bool = True) -> NBitsWeight:
+    """[N, K] float -> `bits`-bit groups along K (the last group zero-padded when K is not a multiple).
+
+    Levels q are unsigned, 0 .. 2^bits - 1, around the midpoint m = 2^(bits-1) (MatMulNBits' default zero
+    point), and w = scale * (q - m) + offset:
+    - symmetric: scale = absmax / (m - 1), no offset (q - m never reaches -m);
+    - asymmetric: scale = (max - min) / (2^bits - 1), offset = min + m * scale, so w = scale * q + min: the
+      "min" form of GGUF's Q4_1, whose weights it represents exactly. The offset is applied at run time as
+      (per-group sums of x) @ offsets^T, which keeps the integer kernel on its fast symmetric path."""
     w = weight.detach().float()
     n, k = w.shape
     if k % group_size:  # a partial last group, zero-padded (as MatMulNBits pads K)
         w = torch.nn.functional.pad(w, (0, group_size - k % group_size))
     groups = w.view(n, -1, group_size)
+    mid = 2 ** (bits - 1)
     if symmetric:
-        scale = (groups.abs().amax(-1) / 7.0).clamp_min(_EPS)
-        q = torch.round(groups / scale[..., None]).clamp(-8, 7) + 8
-        zp = None
+        scale = (groups.abs().amax(-1) / (mid - 1)).clamp_min(_EPS)
+        q = torch.round(groups / scale[..., None]).clamp(-(mid - 1), mid - 1) + mid
+        offsets = None
     else:
-        lo = groups.amin(-1).clamp_max(0.0)
-        hi = groups.amax(-1).clamp_min(0.0)
-        scale = ((hi - lo) / 15.0).clamp_min(_EPS)
-        zero = torch.round(-lo / scale).clamp(0, 15)
-        q = (torch.round(groups / scale[..., None]) + zero[..., None]).clamp(0, 15)
-        zp = pack_nibbles(zero.to(torch.uint8), pad=True)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(_EPS)
+        q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 2 ** bits - 1)
+        offsets = (lo + mid * scale).contiguous()
     q = q.to(torch.uint8)
-    return Int4Weight(pack_nibbles(q), scale.contiguous(), zp, group_size)
+    packed = pack_nibbles(q) if bits == 4 else q
+    return NBitsWeight(packed.contiguous(), scale.contiguous(), offsets, group_size, bits)
+
+
+def dequantize_weight_nbits(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, k: int,
+                            bits: int) -> torch.Tensor:
+    """MatMulNBits layout (+ offsets) -> float [N, K]."""
+    n = scales.shape[0]
+    q = (unpack_nibbles(packed) if bits == 4 else packed).float()  # [N, K/g, g]
+    w = (q - 2 ** (bits - 1)) * scales[..., None]
+    if offsets is not None:
+        w = w + offsets[..., None]
+    return w.reshape(n, -1)[:, :k]
 
 
 def pack_nibbles(values: torch.Tensor, *, pad: bool = False) -> torch.Tensor:
@@ -87,15 +105,6 @@ def pack_nibbles(values: torch.Tensor, *, pad: bool = False) -> torch.Tensor:
 def unpack_nibbles(packed: torch.Tensor, count: int | None = None) -> torch.Tensor:
     out = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
     return out if count is None else out[..., :count]
-
-
-def dequantize_weight_int4(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
-                           k: int) -> torch.Tensor:
-    """MatMulNBits layout -> float [N, K]."""
-    n, blocks = scales.shape
-    q = unpack_nibbles(packed).float()  # [N, K/g, g]
-    zp = torch.full((n, blocks), 8.0) if zero_points is None else unpack_nibbles(zero_points, blocks).float()
-    return ((q - zp[..., None]) * scales[..., None]).reshape(n, -1)[:, :k]
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:

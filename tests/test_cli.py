@@ -376,3 +376,24 @@ def test_inspect_after_unknown_pass(inspect_recipe_path):
     assert "--after names 'nonexistent', which is not in this recipe's passes" in result.stderr
     assert "cleanup.dead_code" in result.stderr  # the hint lists the recipe's passes
     assert result.stdout == ""
+
+
+def test_inspect_sensitivity_ranks_every_layer(tiny_recipe):
+    path = tiny_recipe({"passes": ["cleanup.dead_code", {"name": "quantize.int8", "options": {"sensitivity_samples": 4}}],
+                        "calibration": {"source": "random", "samples": 4}})
+    result = CliRunner().invoke(cli, ["inspect", str(path), "--sensitivity", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["pass"] == "quantize.int8"
+    layers = [row["layer"] for row in report["layers"]]
+    assert len(layers) == len(set(layers)) == 13 and "pooler.dense" in layers  # 2 layers x 6 linears + pooler
+    worst = [min(o["sqnr_db"] for o in row["outputs"].values()) for row in report["layers"]]
+    assert worst == sorted(worst)  # most sensitive first
+    table = CliRunner().invoke(cli, ["inspect", str(path), "--sensitivity"])
+    assert table.exit_code == 0 and "most sensitive first" in table.stdout
+
+
+def test_inspect_sensitivity_without_a_quantization_pass(tiny_recipe):
+    result = CliRunner().invoke(cli, ["inspect", str(tiny_recipe()), "--sensitivity"])
+    assert result.exit_code == 2
+    assert "needs a quantization pass" in result.stderr and "Traceback" not in result.output

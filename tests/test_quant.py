@@ -87,34 +87,53 @@ def test_nibbles_round_trip_low_first():
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("k", [64, 72])  # 72: a partial last group, zero-padded
-def test_int4_groups_bounded_error_and_layout(symmetric, k):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_nbits_groups_bounded_error_and_layout(symmetric, k, bits):
     w = _gauss(24, k)
-    q = quant.quantize_weight_int4(w, 32, symmetric=symmetric)
+    q = quant.quantize_weight_nbits(w, 32, bits=bits, symmetric=symmetric)
     blocks = -(-k // 32)
-    assert q.packed.shape == (24, blocks, 16) and q.packed.dtype == torch.uint8
+    assert q.packed.shape == (24, blocks, 32 * bits // 8) and q.packed.dtype == torch.uint8
     assert q.scales.shape == (24, blocks)
-    assert (q.zero_points is None) == symmetric
-    if not symmetric:
-        assert q.zero_points.shape == (24, -(-blocks // 2))
-    deq = quant.dequantize_weight_int4(q.packed, q.scales, q.zero_points, k)
+    assert (q.offsets is None) == symmetric
+    deq = quant.dequantize_weight_nbits(q.packed, q.scales, q.offsets, k, bits)
     assert deq.shape == (24, k)
-    assert quant.sqnr_db(w, deq) > 17.0
+    assert quant.sqnr_db(w, deq) > (17.0 if bits == 4 else 40.0)
 
 
-def test_int4_matches_ort_matmul_nbits():
+def test_asymmetric_int4_represents_q4_1_weights_exactly():
+    # GGUF Q4_1: w = d * q + m per block of 32, q in 0..15; every level of each block used.
+    d, m = torch.rand(16, 3, generator=GEN) * 0.05 + 0.01, -torch.rand(16, 3, generator=GEN)
+    q = torch.stack([torch.randperm(32, generator=GEN) % 16 for _ in range(48)]).view(16, 3, 32).float()
+    w = (d[..., None] * q + m[..., None]).reshape(16, 96)
+    packed = quant.quantize_weight_nbits(w, 32, bits=4, symmetric=False)
+    deq = quant.dequantize_weight_nbits(packed.packed, packed.scales, packed.offsets, 96, 4)
+    assert (deq - w).abs().max() < 1e-6
+
+
+def test_symmetric_int8_groups_represent_q8_0_weights_exactly():
+    # GGUF Q8_0: w = d * q per block of 32, q in -127..127 (the block's absmax at +-127).
+    d = torch.rand(8, 2, generator=GEN) * 0.01 + 0.001
+    q = torch.randint(-127, 128, (8, 2, 32), generator=GEN).float()
+    q[..., 0] = 127.0
+    w = (d[..., None] * q).reshape(8, 64)
+    packed = quant.quantize_weight_nbits(w, 32, bits=8)
+    assert (quant.dequantize_weight_nbits(packed.packed, packed.scales, None, 64, 8) - w).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_nbits_symmetric_matches_ort_matmul_nbits(bits):
     k, n = 96, 40
     x, w = _gauss(5, k), _gauss(n, k)
-    q = quant.quantize_weight_int4(w, 32, symmetric=False)
+    q = quant.quantize_weight_nbits(w, 32, bits=bits)
     sess = _session(
-        [helper.make_node("MatMulNBits", ["x", "B", "scales", "zp"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+        [helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
                           block_size=32, accuracy_level=0)],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [onnx.numpy_helper.from_array(q.packed.numpy(), "B"),
-         onnx.numpy_helper.from_array(q.scales.reshape(-1).numpy(), "scales"),
-         onnx.numpy_helper.from_array(q.zero_points.reshape(-1).numpy(), "zp")])
+         onnx.numpy_helper.from_array(q.scales.reshape(-1).numpy(), "scales")])
     (ort_y,) = sess.run(None, {"x": x.numpy()})
-    deq = quant.dequantize_weight_int4(q.packed, q.scales, q.zero_points, k)
+    deq = quant.dequantize_weight_nbits(q.packed, q.scales, None, k, bits)
     np.testing.assert_allclose((x @ deq.t()).numpy(), ort_y, rtol=1e-4, atol=1e-4)
 
 

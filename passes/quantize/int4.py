@@ -1,6 +1,7 @@
-"""`quantize.int4_weight_only`: linears to `compilekit::int4_linear`, weights in int4 groups along the input
-dim (one float scale per group, symmetric or with a zero point), activations float (or int8 inside the
-kernel, `compute: int8`, as ORT's MatMulNBits does at accuracy_level 4).
+"""`quantize.int4_weight_only`: linears to `compilekit::nbits_linear`, weights in int4 groups along the input
+dim (one float scale per group; symmetric, or with a float offset per group), activations float (or int8
+inside the kernel, `compute: int8`, as ORT's MatMulNBits does at accuracy_level 4). The lm_head, when asked
+for, takes `lm_head_bits` (8 by default).
 
 RTN rounds each weight to its nearest level. AWQ (Lin et al., 2024) first scales each input channel j of a
 linear by s_j = mean|X_j|^r (normalized), quantizes W s, and divides the input by s: channels that carry
@@ -29,8 +30,8 @@ aten = torch.ops.aten
 
 
 def _dequantized(w: torch.Tensor, group_size: int, symmetric: bool) -> torch.Tensor:
-    q = quant.quantize_weight_int4(w, group_size, symmetric=symmetric)
-    return quant.dequantize_weight_int4(q.packed, q.scales, q.zero_points, w.shape[1])
+    q = quant.quantize_weight_nbits(w, group_size, bits=4, symmetric=symmetric)
+    return quant.dequantize_weight_nbits(q.packed, q.scales, q.offsets, w.shape[1], 4)
 
 
 def _awq_scale(x: torch.Tensor, w: torch.Tensor, act_mean: torch.Tensor, group_size: int, symmetric: bool,
@@ -69,11 +70,12 @@ def _up_projection(x: torch.fx.Node, by_node: dict[torch.fx.Node, Linear]) -> Li
 class QuantizeInt4WeightOnlyPass(QuantizePass):
     name = "quantize.int4_weight_only"
     kind = "int4"
-    description = "Linears to int4 weight-only groups (RTN or AWQ), ORT MatMulNBits layout."
+    description = "Linears to int4 weight-only groups (RTN or AWQ), ORT MatMulNBits layout; lm_head optional (8-bit)."
 
     class Options(QuantizeOptions):
         group_size: Literal[32, 64, 128] = Field(32, description="Weights per scale along the input dim.")
-        symmetric: bool = Field(True, description="Symmetric levels (zero point 8); false: a zero point per group.")
+        symmetric: bool = Field(True, description="Symmetric levels; false: scale and float offset per group (the "
+                                "min form of GGUF Q4_1, which it represents exactly).")
         algorithm: Literal["rtn", "awq"] = Field("rtn", description="rtn: round to nearest; awq: activation-aware "
                                                  "input-channel scales from calibration.")
         compute: Literal["int8", "float"] = Field(
@@ -81,6 +83,9 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
             "accuracy_level 4, the fastest on CPUs with VNNI); float: dequantize and multiply in float.")
         awq_grid: int = Field(20, ge=2, description="awq: ratios tried on [0, 1).")
         awq_rows: int = Field(512, ge=16, description="awq: calibration rows kept per linear for the search.")
+        lm_head_bits: Literal[4, 8] = Field(
+            8, description="lm_head: true: its bits. 8 by default: the output projection is the layer whose error "
+            "reaches the logits unfiltered (and tied lm_heads are often stored at 8 bits, e.g. GGUF Q8_0).")
 
     def quantize(self, program: Program, only: set[str] | None, keep_float: set[str]) -> PassResult:
         o = self.options
@@ -99,21 +104,26 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
         rows = []
         for lin in selection.chosen:
             w = weights[lin.name]
-            q = quant.quantize_weight_int4(w, o.group_size, symmetric=o.symmetric)
+            bits = o.lm_head_bits if lin.is_lm_head else 4
+            q = quant.quantize_weight_nbits(w, o.group_size, bits=bits, symmetric=o.symmetric)
             args = (lin.x, edit.add(f"{lin.name}.qweight", q.packed), edit.add(f"{lin.name}.scales", q.scales),
-                    edit.add(f"{lin.name}.zero_points", q.zero_points) if q.zero_points is not None else None,
-                    lin.bias, w.shape[1], o.group_size, o.compute)
+                    edit.add(f"{lin.name}.offsets", q.offsets) if q.offsets is not None else None,
+                    lin.bias, w.shape[1], o.group_size, bits, o.compute)
             with gm.graph.inserting_before(lin.node):
-                new = gm.graph.call_function(torch.ops.compilekit.int4_linear.default, args)
+                new = gm.graph.call_function(torch.ops.compilekit.nbits_linear.default, args)
             new.meta.update({k: lin.node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in lin.node.meta})
             lin.node.replace_all_uses_with(new)
             gm.graph.erase_node(lin.node)
-            deq = quant.dequantize_weight_int4(q.packed, q.scales, q.zero_points, w.shape[1])
-            rows.append({"name": lin.name, "shape": list(lin.shape), "awq": awq.get(lin.name),
-                         "weight_sqnr_db": round(quant.sqnr_db(w, deq), 2), "bytes_before": weight_bytes(lin.weight),
-                         "bytes_after": sum(weight_bytes(t) for t in (q.packed, q.scales, q.zero_points))})
+            deq = quant.dequantize_weight_nbits(q.packed, q.scales, q.offsets, w.shape[1], bits)
+            awq.get(lin.name, {}).pop("scale", None)  # a tensor: not for the manifest
+            rows.append({"name": lin.name, "shape": list(lin.shape), "bits": bits, "awq": awq.get(lin.name),
+                         "weight_sqnr_db": round(quant.sqnr_db(w, deq), 2),
+                         "bytes_before": weight_bytes(lin.weight),
+                         "bytes_after": sum(weight_bytes(t) for t in (q.packed, q.scales, q.offsets))})
         gm.graph.eliminate_dead_code()
-        extra = f"g{o.group_size}, {'symmetric' if o.symmetric else 'asymmetric'}, {o.algorithm}, {o.compute} compute"
+        extra = f"g{o.group_size}, {'symmetric' if o.symmetric else 'asymmetric (min offsets)'}, {o.algorithm}, {o.compute} compute"
+        if any(r["bits"] == 8 for r in rows):
+            extra += f", lm_head {o.lm_head_bits}-bit"
         if awq:
             scaled = sum(1 for a in awq.values() if a.get("folded"))
             extra += f", AWQ scales on {scaled} of {len(awq)} linears"
@@ -158,5 +168,5 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
                 if s is not None:
                     weights[lin.name] = weights[lin.name] * s
                 report[lin.name] = {"ratio": ratio if s is not None else 0.0, "error_gain": round(gain, 4),
-                                    "folded": how}
+                                    "folded": how, "scale": s}
         return report

@@ -49,16 +49,14 @@ class QuantizeInt8Pass(QuantizePass):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._observed: dict[tuple, dict] = {}  # calibration statistics per program, reused by skip: auto
+        # Calibration statistics of the last program seen (held, so its id cannot be reused), for skip: auto.
+        self._observed: tuple[Program, dict] | None = None
 
-    def _observe(self, program: Program, nodes: list[str], **kwargs) -> dict:
-        key = (id(program.ep), kwargs.get("observer", "minmax"))
-        cached = self._observed.get(key)
-        if cached is None or not set(nodes) <= set(cached):
+    def _observe(self, program: Program, nodes: list[str]) -> dict:
+        if self._observed is None or self._observed[0] is not program or not set(nodes) <= set(self._observed[1]):
             batches = self.context.calibration_batches(program, self.name)
-            cached = observe_inputs(program, batches, nodes, **kwargs)
-            self._observed = {key: cached}  # one program at a time: bounded memory
-        return cached
+            self._observed = (program, observe_inputs(program, batches, nodes))
+        return self._observed[1]
 
     def quantize(self, program: Program, only: set[str] | None, keep_float: set[str]) -> PassResult:
         o = self.options

@@ -18,7 +18,7 @@ from compilekit.targets.onnx import lower_to_onnx
 from compilekit.verify import compare
 
 INT8 = "compilekit.int8_linear"
-INT4 = "compilekit.int4_linear"
+NBITS = "compilekit.nbits_linear"
 FP8 = "compilekit.fp8_linear"
 
 
@@ -181,7 +181,7 @@ def test_int4_structure_numbers_and_ort(llama, tmp_path, options):
     outs = _run(result.program, batches)
     assert compare(reference, outs)["logits"].sqnr_db > 10.0  # int4 g32-g64 on random weights
     lowered, ops, _ = _ort(result.program, batches, tmp_path)
-    assert ops["MatMulNBits"] == hist[INT4]
+    assert ops["MatMulNBits"] == hist[NBITS]
     # float compute is the dequantized matmul exactly; int8 compute quantizes activations as MatMulNBits does.
     assert compare(outs, lowered)["logits"].sqnr_db > (90.0 if options.get("compute") == "float" else 60.0)
 
@@ -228,3 +228,33 @@ def test_int4_noop_without_linears(export_module):
     program = export_module(NoLinear())
     result = get_pass("quantize.int4_weight_only")({})(program)
     assert not result.modified and result.program is program
+
+
+# ---------------------------------------------------------------------------------------------- fp8
+
+def test_fp8_structure_numbers_and_both_flavors(bert, tmp_path):
+    batches = _batches(bert)
+    reference = _run(bert.program, batches)
+    result = get_pass("quantize.fp8")({}, context=_ctx(batches))(bert.program)
+    assert op_histogram(result.program.graph)[FP8] == _linears(bert.program)
+    weights = [t for t in result.program.ep.state_dict.values() if t.dtype == torch.float8_e4m3fn]
+    assert len(weights) == _linears(bert.program)
+    outs = _run(result.program, batches)
+    assert compare(reference, outs)["pooler_output"].sqnr_db > 20.0  # E4M3 per tensor
+    for flavor, opset in (("onnxruntime", 21), ("tensorrt", 23)):
+        lowered, ops, model = _ort(result.program, batches, tmp_path, flavor=flavor, opset=opset)
+        assert not [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+        fp8_inits = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN and i.dims]
+        assert len(fp8_inits) == _linears(bert.program)  # weights stay fp8 in the file: DQ is not folded
+        assert compare(outs, lowered)["pooler_output"].sqnr_db > 90.0
+
+
+def test_quantize_options_are_validated():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        get_pass("quantize.int4_weight_only")({"group_size": 48})
+    with pytest.raises(ValidationError):
+        get_pass("quantize.int8")({"activations": "weekly"})
+    with pytest.raises(ValidationError):
+        get_pass("quantize.fp8")({"skip": "sometimes"})
