@@ -108,7 +108,8 @@ register_translation("tensorrt", torch.ops.compilekit.int8_linear.default)(_int8
 
 # ----------------------------------------------------------------------------------------- nbits linear
 # compilekit::nbits_linear(x, packed, scales, offsets, bias, in_features, group_size, bits, compute) -> y
-#   Weight in ORT MatMulNBits layout (quant.NBitsWeight), bits 4 or 8; offsets [N, K/g] or None (symmetric).
+#   Weight in ORT MatMulNBits layout (quant.NBitsWeight), bits 4 or 8; offsets [K/g, N] (quant's offsets,
+#   transposed, as the run-time MatMul takes them) or None (symmetric).
 #   compute: `float` (dequantize, float matmul) or `int8` (the activation quantized to symmetric int8 per row
 #   and per group, as MatMulNBits does at accuracy_level 4). Offsets multiply the float per-group sums of x.
 
@@ -133,7 +134,7 @@ def nbits_linear_reference(x, packed, scales, offsets, bias, in_features: int, g
         xq = (torch.round(groups * inverse) * scale).reshape(padded.shape)[..., :in_features]
     y = torch.nn.functional.linear(xq, w, bias)
     if offsets is not None:
-        y = y + _group_sums(xf, group_size, in_features) @ offsets.t()
+        y = y + _group_sums(xf, group_size, in_features) @ offsets
     return y.to(x.dtype)
 
 
@@ -176,13 +177,19 @@ def _nbits_linear_ort(x, packed, scales, offsets, bias, in_features: int, group_
     if offsets is None:
         return y
     pad = -in_features % group_size
-    xp = x
-    if pad:  # zero-pad the last dim to whole groups: pads = [0] * (2 * rank - 1) + [pad]
-        zeros = op.Sub(op.Mul(op.Shape(op.Shape(x)), op.Constant(value_ints=[2])), op.Constant(value_ints=[1]))
-        xp = op.Pad(x, op.Concat(op.Expand(op.Constant(value_ints=[0]), zeros), op.Constant(value_ints=[pad]), axis=0))
-    shape = op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[-1, group_size]), axis=0)
+    rank = len(x.shape) if getattr(x, "shape", None) is not None else None
+    if rank is not None:  # static reshape: no Shape / Concat ops at run time
+        xp = op.Pad(x, op.Constant(value_ints=[0] * (2 * rank - 1) + [pad])) if pad else x
+        shape = op.Constant(value_ints=[0] * (rank - 1) + [-1, group_size])
+    else:
+        xp = x
+        if pad:  # zero-pad the last dim to whole groups: pads = [0] * (2 * rank - 1) + [pad]
+            zeros = op.Sub(op.Mul(op.Shape(op.Shape(x)), op.Constant(value_ints=[2])), op.Constant(value_ints=[1]))
+            xp = op.Pad(x, op.Concat(op.Expand(op.Constant(value_ints=[0]), zeros), op.Constant(value_ints=[pad]),
+                                     axis=0))
+        shape = op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[-1, group_size]), axis=0)
     sums = op.ReduceSum(op.Reshape(xp, shape), op.Constant(value_ints=[-1]), keepdims=0)
-    return op.Add(y, op.MatMul(sums, op.Transpose(offsets, perm=[1, 0])))
+    return op.Add(y, op.MatMul(sums, offsets))
 
 
 register_translation("onnxruntime", torch.ops.compilekit.nbits_linear.default)(_nbits_linear_ort)

@@ -325,3 +325,25 @@ def test_mixed_sliding_window_layers_get_their_own_window(tmp_path):
     gen = Generator(target.load(tmp_path, threads=1).decoder(KVLayout.from_dict(new.kv_layout)))
     prompt = [5, 17, 42, 99, 3, 7, 8, 9]
     assert gen.generate(torch.tensor([prompt]), max_new_tokens=8).tokens[0].tolist() == hf_greedy(model, [prompt], 8)[0]
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_int4_decoder_packs_siblings_and_generates_like_its_program(decoder, symmetric, tmp_path):
+    """int4 weights (float compute: the kernel's numbers are the program's) under a static cache: q/k/v and
+    gate/up MatMulNBits are packed (with their offset terms), and ORT's greedy tokens equal the program's."""
+    _model, _adapter, program = decoder
+    quantized = get_pass("quantize.int4_weight_only")({"compute": "float", "symmetric": symmetric,
+                                                       "group_size": 32})(program).program
+    new = get_pass("kv.layout")({"cache": "static"})(quantized).program
+    target = OnnxRuntimeTarget({})
+    build = target.lower(new, tmp_path)
+    nodes = build.info["nodes"]
+    assert build.info["ort_fusions"].get("packed_matmul_nbits") == 4, build.info  # 2 layers x (qkv, gate/up)
+    assert nodes["com.microsoft::MatMulNBits"] == 2 * 4  # per layer: qkv, o, gate/up, down (lm_head stays float)
+    layout = KVLayout.from_dict(new.kv_layout)
+    prompts = [[5, 17, 42, 99, 3, 7], [200, 1, 2, 3]]
+    ort_gen = Generator(target.load(tmp_path, threads=1).decoder(layout))
+    torch_gen = Generator(ProgramDecoder(new.run, layout))
+    for p in prompts:
+        want = torch_gen.generate(torch.tensor([p]), max_new_tokens=10).tokens
+        assert torch.equal(ort_gen.generate(torch.tensor([p]), max_new_tokens=10).tokens, want)

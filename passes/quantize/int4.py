@@ -107,7 +107,7 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
             bits = o.lm_head_bits if lin.is_lm_head else 4
             q = quant.quantize_weight_nbits(w, o.group_size, bits=bits, symmetric=o.symmetric)
             args = (lin.x, edit.add(f"{lin.name}.qweight", q.packed), edit.add(f"{lin.name}.scales", q.scales),
-                    edit.add(f"{lin.name}.offsets", q.offsets) if q.offsets is not None else None,
+                    edit.add(f"{lin.name}.offsets", q.offsets.t().contiguous()) if q.offsets is not None else None,
                     lin.bias, w.shape[1], o.group_size, bits, o.compute)
             with gm.graph.inserting_before(lin.node):
                 new = gm.graph.call_function(torch.ops.compilekit.nbits_linear.default, args)
