@@ -22,8 +22,14 @@ padded to the longest in each batch, max_length 128; cosine (per sentence, flatt
 last_hidden_state against eager, via compilekit.verify.accuracy.compare. "Equal accuracy" means
 cosine min >= 0.9999 for every row.
 
+--int8 (quantization): the compilekit row compiles recipes/minilm-l6-int8.yaml, a row `ort_quant_dynamic`
+(onnxruntime.quantization.quantize_dynamic on the plain ONNX, its defaults: int8 weights, per tensor) joins
+the peers, accuracy is measured on the recipe's own 256 checking sentences (held out from its calibration),
+padded positions left out, and the verdict asks for compilekit cosine mean >= 0.995, min >= 0.99 and p50
+>= 3.5x eager at every shape.
+
 Usage: .venv/bin/python benchmarks/minilm_fusion.py [--threads 2] [--runs 50] [--shapes 2x128,1x32]
-       [--recipe recipes/minilm-l6.yaml] [--spinning on|off] [--json PATH]
+       [--recipe recipes/minilm-l6.yaml] [--spinning on|off] [--int8] [--json PATH]
 Progress goes to stderr; the table and verdicts to stdout.
 """
 
@@ -49,7 +55,9 @@ from compilekit.verify.latency import measure_blocks
 REPO = Path(__file__).resolve().parent.parent
 ROWS = ("eager", "plain", "ort_fusions", "compilekit")
 PEERS = ("eager", "plain", "ort_fusions")
+INT8_ROWS = ("eager", "plain", "ort_fusions", "ort_quant_dynamic", "compilekit")
 COSINE_MIN = 0.9999
+INT8_COSINE_MEAN, INT8_COSINE_MIN, INT8_SPEEDUP = 0.995, 0.99, 3.5
 MARGIN = 1.10
 DISTURBED_CORES = 0.10  # other processes' average CPU use during timing above which the numbers are suspect
 FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention")
@@ -259,6 +267,30 @@ def render_table(title: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def quantize_dynamic_peer(plain: Path, path: Path) -> None:
+    """ONNX Runtime's own int8 path, with its defaults (what a user gets from the docs)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(plain), str(path), weight_type=QuantType.QInt8)
+
+
+def int8_verdict(shape: str, rows: list[dict[str, Any]], other_cores: float | None) -> tuple[bool, str]:
+    by = {r["row"]: r for r in rows if r["shape"] == shape}
+    ck = by["compilekit"]
+    speedup = by["eager"]["p50_ms"] / ck["p50_ms"]
+    accurate = ck["cosine_mean"] >= INT8_COSINE_MEAN and ck["cosine_min"] >= INT8_COSINE_MIN
+    ok = accurate and speedup >= INT8_SPEEDUP
+    peer = by["ort_quant_dynamic"]
+    line = (f"VERDICT int8 {shape}: {'PASS' if ok else 'FAIL'} - compilekit p50 {ck['p50_ms']:.2f} ms = "
+            f"{speedup:.2f}x eager (need >= {INT8_SPEEDUP}x); cosine mean {ck['cosine_mean']:.5f} (need >= "
+            f"{INT8_COSINE_MEAN}), min {ck['cosine_min']:.5f} (need >= {INT8_COSINE_MIN}); ORT quantize_dynamic: "
+            f"{by['eager']['p50_ms'] / peer['p50_ms']:.2f}x eager, cosine mean {peer['cosine_mean']:.5f}, "
+            f"min {peer['cosine_min']:.5f}")
+    if other_cores is not None and other_cores > DISTURBED_CORES:
+        line += f" (DISTURBED: other processes used {other_cores:.2f} cores while timing; rerun)"
+    return ok, line
+
+
 def verdict(shape: str, rows: list[dict[str, Any]], other_cores: float | None) -> tuple[bool, str]:
     by = {r["row"]: r for r in rows if r["shape"] == shape}
     ck = by["compilekit"]
@@ -303,8 +335,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="compilekit recipe for the compilekit row (compiled into a temporary registry)")
     ap.add_argument("--spinning", choices=("on", "off"), default="off",
                     help="session.intra_op.allow_spinning for all three ORT rows")
+    ap.add_argument("--int8", action="store_true", help="the quantization comparison (see above)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args(argv)
+    rows_wanted = INT8_ROWS if args.int8 else ROWS
+    if args.int8 and args.recipe == REPO / "recipes" / "minilm-l6.yaml":
+        args.recipe = REPO / "recipes" / "minilm-l6-int8.yaml"
     spinning = args.spinning == "on"
     shapes = parse_shapes(args.shapes)
 
@@ -351,12 +387,21 @@ def main(argv: list[str] | None = None) -> int:
                     "ort_fusions": peer_session(fused_path, args.threads, spinning)}
         onnx_files = {"plain": plain_path, "ort_fusions": fused_path, "compilekit": ck_path}
         disabled = {"plain": [], "ort_fusions": [], "compilekit": list(ck_describe.get("disabled_optimizers", []))}
+        if args.int8:
+            t0 = time.perf_counter()
+            quant_path = tmp / "ort_quant_dynamic.onnx"
+            quantize_dynamic_peer(plain_path, quant_path)
+            sessions["ort_quant_dynamic"] = peer_session(quant_path, args.threads, spinning)
+            onnx_files["ort_quant_dynamic"] = quant_path
+            disabled["ort_quant_dynamic"] = []
+            stage_done("onnxruntime.quantization.quantize_dynamic", t0)
         fused = {n: count_fused_attention(p) for n, p in onnx_files.items()}
         fused_ort = {n: ort_optimized_attention(p, args.threads, disabled[n]) for n, p in onnx_files.items()}
 
         # ---- accuracy on real sentences
         t0 = time.perf_counter()
-        texts = text_samples("pydoc", 64, seed=1)
+        # int8: the recipe's own checking sentences (seed 0, first 256), which its calibration never reads.
+        texts = text_samples("pydoc", 256, seed=0) if args.int8 else text_samples("pydoc", 64, seed=1)
         batches = [dict(tokenizer(texts[i:i + 8], padding=True, truncation=True, max_length=128,
                                   return_tensors="pt")) for i in range(0, len(texts), 8)]
         with torch.inference_mode():
@@ -372,8 +417,11 @@ def main(argv: list[str] | None = None) -> int:
             lhs = "last_hidden_state" if "last_hidden_state" in names else names[0]
             candidates[name] = [{"last_hidden_state": ort_outputs(sess, names, b)[lhs]} for b in batches]
         candidates["compilekit"] = [{"last_hidden_state": runner.run(b)["last_hidden_state"]} for b in batches]
-        accuracy = {n: compare(reference, c)["last_hidden_state"] for n, c in candidates.items()}
-        stage_done("accuracy (64 sentences, 4 rows)", t0)
+        from compilekit.verify.accuracy import padding_masks
+
+        masks = padding_masks(batches) if args.int8 else None
+        accuracy = {n: compare(reference, c, masks=masks)["last_hidden_state"] for n, c in candidates.items()}
+        stage_done(f"accuracy ({len(texts)} sentences, {len(candidates)} rows)", t0)
 
         # ---- latency per shape
         rows: list[dict[str, Any]] = []
@@ -397,9 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                 feed, names = feed_names
                 return lambda: sess.run(names, feed)
 
-            fns = {"eager": eager_fn,
-                   "plain": ort_fn(sessions["plain"], feeds["plain"]),
-                   "ort_fusions": ort_fn(sessions["ort_fusions"], feeds["ort_fusions"]),
+            fns = {"eager": eager_fn, **{name: ort_fn(sess, feeds[name]) for name, sess in sessions.items()},
                    "compilekit": runner.bind(inputs)}
             settle = settle_calls(fns, args.settle, args.settle_ms)
             with OtherLoad() as other:
@@ -408,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             shape = f"{b}x{s}"
             other_load[shape] = other.cores
             settles[shape] = settle
-            best_peer = min(stats[n].p50_ms for n in PEERS)
-            for n in ROWS:
+            best_peer = min(stats[n].p50_ms for n in rows_wanted if n != "compilekit")
+            for n in rows_wanted:
                 st, acc = stats[n], accuracy[n]
                 rows.append({"shape": shape, "row": n, "p50_ms": st.p50_ms, "p90_ms": st.p90_ms,
                              "p99_ms": st.p99_ms, "mean_ms": st.mean_ms, "min_ms": st.min_ms,
@@ -421,19 +467,21 @@ def main(argv: list[str] | None = None) -> int:
             stage_done(f"latency {shape}", t0)
 
     spin = "on" if spinning else "off"
-    title = (f"all-MiniLM-L6-v2 fp32, ONNX Runtime {ort.__version__} CPU, {args.threads} threads (torch and "
+    title = (f"all-MiniLM-L6-v2 {'int8 (compilekit: ' + args.recipe.name + ')' if args.int8 else 'fp32'}, ONNX Runtime {ort.__version__} CPU, {args.threads} threads (torch and "
              f"every ORT row), ORT spinning {spin} for every ORT row\n"
              f"timing: {method_name}, steady state in alternating blocks of {args.block} timed calls after "
              f"untimed settle calls ({', '.join(f'{k}: {v}' for k, v in settles.items())}; >= {args.settle} and "
              f">= {args.settle_ms:g} ms), warmup {args.warmup}, {args.runs} timed calls per row and shape\n"
-             f"accuracy: last_hidden_state vs eager on 64 pydoc sentences (batches of 8, padded to longest, "
+             f"accuracy: last_hidden_state vs eager on {len(texts)} pydoc sentences (batches of 8, padded to longest, "
+             f"{'padded positions left out, ' if args.int8 else ''}"
              f"max_length 128)\n"
              f"vs best peer = best non-compilekit p50 / this row's p50; fused attn = com.microsoft "
              f"Attention/MultiHeadAttention nodes in the ONNX file / in ORT's optimized graph\n"
              f"compilekit session: disabled_optimizers={ck_describe.get('disabled_optimizers')}, "
              f"optimization_level={ck_describe.get('optimization_level')}")
     print(render_table(title, rows))
-    verdicts = [verdict(f"{b}x{s}", rows, other_load.get(f"{b}x{s}")) for b, s in shapes]
+    judge = int8_verdict if args.int8 else verdict
+    verdicts = [judge(f"{b}x{s}", rows, other_load.get(f"{b}x{s}")) for b, s in shapes]
     for _, line in verdicts:
         print(line)
     total = time.perf_counter() - _START

@@ -352,6 +352,9 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
         packed_nbits = _pack_sibling_nbits(model)
         if packed_nbits:
             counts["packed_matmul_nbits"] = packed_nbits
+        packed_dq = _pack_sibling_dynamic_quantize(model)
+        if packed_dq:
+            counts["packed_dynamic_quantize_matmul"] = packed_dq
         packed = _pack_sibling_matmuls(model)
         if packed:
             counts["packed_matmuls"] = packed
@@ -557,6 +560,64 @@ def _pack_sibling_nbits(model) -> int:
         merged += 1
     if merged:
         graph.sort()  # users of the old outputs may sit between the siblings
+    return merged
+
+
+def _pack_sibling_dynamic_quantize(model) -> int:
+    """Merge com.microsoft.DynamicQuantizeMatMul nodes that read the same activation (q/k/v) into one over
+    the int8 weights concatenated along N, plus a Split: the activation is quantized once instead of once
+    per sibling, and one wider GEMM runs. Per-tensor activation quantization makes this exact: every sibling
+    quantized the same tensor with the same scale. Returns the groups merged."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    groups: dict[tuple, list] = {}
+    for node in graph:
+        if node.domain != "com.microsoft" or node.op_type != "DynamicQuantizeMatMul" or \
+                node.outputs[0].is_graph_output():
+            continue
+        inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
+        a, b, scale, zero_point, bias = inputs[:5]
+        if b is None or b.const_value is None or scale is None or scale.const_value is None or \
+                zero_point is not None or (bias is not None and bias.const_value is None):
+            continue
+        groups.setdefault((id(a), bias is not None, b.const_value.numpy().dtype.str), []).append(node)
+    merged = 0
+    for nodes in groups.values():
+        if len(nodes) < 2:
+            continue
+        first = nodes[0]
+        weights = [n.inputs[1].const_value.numpy() for n in nodes]
+        if len({w.shape[0] for w in weights}) != 1:
+            continue
+        inputs = [first.inputs[0], _const(graph, f"{first.name}_packed_b", np.concatenate(weights, axis=1)),
+                  _const(graph, f"{first.name}_packed_scale",
+                         np.concatenate([n.inputs[2].const_value.numpy().reshape(-1) for n in nodes]))]
+        if len(first.inputs) > 4 and first.inputs[4] is not None:
+            inputs += [None, _const(graph, f"{first.name}_packed_bias",
+                                    np.concatenate([n.inputs[4].const_value.numpy() for n in nodes]))]
+        packed = ir.Node("com.microsoft", "DynamicQuantizeMatMul", inputs, name=f"{first.name}_packed")
+        sizes = np.array([w.shape[1] for w in weights], dtype=np.int64)
+        split = ir.Node("", "Split", [packed.outputs[0], _const(graph, f"{first.name}_packed_sizes", sizes)],
+                        attributes=[ir.AttrInt64("axis", -1)], num_outputs=len(nodes), name=f"{first.name}_split")
+        graph.insert_after(max(nodes, key=lambda n: list(graph).index(n)), [packed, split])
+        for old, new in zip(nodes, split.outputs):
+            out = old.outputs[0]
+            new.shape, new.type = out.shape, out.type
+            name = out.name
+            out.replace_all_uses_with(new)
+            out.name = None
+            new.name = name
+        for old in nodes:
+            weights_in = [v for v in old.inputs[1:] if v is not None]
+            graph.remove(old, safe=True)
+            for w in weights_in:
+                if not w.uses() and w.name in graph.initializers:
+                    del graph.initializers[w.name]
+        merged += 1
+    if merged:
+        graph.sort()
     return merged
 
 

@@ -92,6 +92,7 @@ class QuantizePass(Pass):
             return PassResult(program, False, {"auto": auto},
                               f"nothing quantized: no choice of float layers short of all meets the budget {dict(o.budget)}")
         result = self.quantize(program, None, set(choice["keep_float"]))
-        summary = (f"skip: auto kept {len(choice['keep_float'])} of {len(rows)} layers float to meet "
-                   f"{dict(o.budget)} ({choice['evaluated']} candidates measured); ") + result.summary
+        precision = "float" if getattr(o, "fallback", "float") == "float" else f"at {o.fallback}"
+        summary = (f"skip: auto kept the {len(choice['keep_float'])} most sensitive of {len(rows)} layers {precision} "
+                   f"to meet {dict(o.budget)} ({choice['evaluated']} candidates measured); ") + result.summary
         return PassResult(result.program, result.modified, {**result.stats, "auto": auto}, summary)

@@ -258,3 +258,23 @@ def test_quantize_options_are_validated():
         get_pass("quantize.int8")({"activations": "weekly"})
     with pytest.raises(ValidationError):
         get_pass("quantize.fp8")({"skip": "sometimes"})
+
+
+def test_skip_auto_fallback_per_token_keeps_every_layer_int8(bert):
+    batches = _batches(bert, n=2)
+    ctx = _ctx(batches)
+    reference = _run(bert.program, batches)
+    everything = get_pass("quantize.int8")({}, context=ctx)(bert.program).program
+    full = compare(reference, _run(everything, batches))["last_hidden_state"].sqnr_db
+    tokens = get_pass("quantize.int8")({"activations": "per_token"}, context=ctx)(bert.program).program
+    best = compare(reference, _run(tokens, batches))["last_hidden_state"].sqnr_db
+    assert best > full + 0.5  # per-token activations are the more accurate form
+    target = (full + best) / 2
+    result = get_pass("quantize.int8")({"skip": "auto", "fallback": "per_token", "budget": {"sqnr_db": target},
+                                        "budget_outputs": ["last_hidden_state"]}, context=ctx)(bert.program)
+    modes = {row["name"]: row["activations"] for row in result.stats["layers"]}
+    chosen = result.stats["auto"]["keep_float"]
+    assert chosen and all(modes[name] == "per_token" for name in chosen)
+    assert sum(m == "dynamic" for m in modes.values()) == len(modes) - len(chosen)
+    assert op_histogram(result.program.graph).get("aten.linear", 0) == 0
+    assert compare(reference, _run(result.program, batches))["last_hidden_state"].sqnr_db >= target

@@ -129,3 +129,22 @@ def test_lowered_file_holds_no_paths_of_this_checkout(built):
     assert str(Path(__file__).resolve().parents[2]).encode() not in data
     assert sys.prefix.encode() not in data
     assert b"pkg.torch.onnx.name_scopes" in data  # path-free provenance is kept
+
+
+def test_int8_siblings_are_packed_and_match_the_program(bert, tmp_path):
+    """q/k/v DynamicQuantizeMatMuls read one activation: packed into one (one quantization of x, one GEMM)
+    + Split. Per-tensor quantization of the same tensor makes that exact, so the runner matches the program."""
+    from compilekit.pipeline import get_pass
+    from compilekit.verify import compare
+
+    program, inputs = bert
+    quantized = get_pass("quantize.int8")({})(program).program
+    target = OnnxRuntimeTarget({"threads": 1})
+    result = target.lower(quantized, tmp_path)
+    assert result.info["ort_fusions"].get("packed_dynamic_quantize_matmul") == 2  # one q/k/v group per layer
+    assert result.info["nodes"]["com.microsoft::DynamicQuantizeMatMul"] == 13 - 2 * 2
+    runner = target.load(tmp_path, threads=1)
+    batches = [_data(inputs, 2, 8, seed) for seed in (1, 2)]
+    want = [quantized.run(b) for b in batches]
+    got = [{k: torch.from_numpy(v) for k, v in runner.run(b).items()} for b in batches]
+    assert compare(want, got)["last_hidden_state"].sqnr_db > 60.0
