@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import quant
-from .ops import register_contrib_schema, register_translation
+from .ops import register_contrib_schema, register_decomposition, register_translation
 
 _UINT8, _INT8, _FLOAT, _INT32 = 2, 3, 1, 6
 
@@ -234,3 +234,44 @@ for _flavor in ("onnxruntime", "tensorrt"):
 
 QUANTIZED_LINEARS = (torch.ops.compilekit.int8_linear.default, torch.ops.compilekit.nbits_linear.default,
                      torch.ops.compilekit.fp8_linear.default)
+
+
+# ------------------------------------------------------------------------------------- nbits embedding
+# compilekit::nbits_embedding(ids, packed, scales, dim, group_size, bits) -> rows
+#   The table in the same layout as nbits_linear's weight (quant.NBitsWeight, symmetric): a tied lm_head
+#   and its embedding share one packed table. rows[...] = scales * (q - 2^(bits-1)) of each looked-up row.
+
+
+def nbits_embedding_reference(ids, packed, scales, dim: int, group_size: int, bits: int):
+    rows = packed[ids]                                   # [..., K/g, g*bits/8]
+    q = (quant.unpack_nibbles(rows) if bits == 4 else rows).float()
+    values = (q - 2 ** (bits - 1)) * scales[ids][..., None]
+    return values.reshape(*ids.shape, -1)[..., :dim]
+
+
+@torch.library.custom_op("compilekit::nbits_embedding", mutates_args=())
+def nbits_embedding(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, dim: int, group_size: int,
+                    bits: int) -> torch.Tensor:
+    return nbits_embedding_reference(ids, packed, scales, dim, group_size, bits).contiguous()
+
+
+@nbits_embedding.register_fake
+def _nbits_embedding_fake(ids, packed, scales, dim, group_size, bits):
+    return scales.new_empty((*ids.shape, dim))
+
+
+def _nbits_embedding_standard(ids, packed, scales, dim: int, group_size: int, bits: int):
+    """Both flavors: Gather of the packed rows and their scales, then dequantize in standard ops (only the
+    looked-up rows are touched). 4-bit rows unpack their nibbles with bitwise ops."""
+    rows = torch.ops.aten.index_select.default(packed, 0, ids.reshape(-1))
+    if bits == 4:
+        low = torch.ops.aten.bitwise_and.Scalar(rows, 15)
+        high = torch.ops.aten.bitwise_right_shift.Scalar(rows, 4)
+        rows = torch.stack([low, high], dim=-1).flatten(-2)
+    row_scales = torch.ops.aten.index_select.default(scales, 0, ids.reshape(-1))
+    values = (rows.to(torch.float32) - 2 ** (bits - 1)) * row_scales[..., None]
+    return values.reshape(*ids.shape, -1)[..., :dim]
+
+
+for _flavor in ("onnxruntime", "tensorrt"):
+    register_decomposition(_flavor, torch.ops.compilekit.nbits_embedding.default)(_nbits_embedding_standard)

@@ -247,10 +247,13 @@ OBSERVERS = {"minmax": MinMaxObserver, "percentile": PercentileObserver}
 
 # ------------------------------------------------------------------------------------------- metrics
 
+SQNR_CAP_DB = 200.0  # "identical": keeps manifests valid JSON (no Infinity), as verify.accuracy does
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when identical)."""
+    """Signal-to-quantization-noise ratio in dB, capped at SQNR_CAP_DB (identical tensors give the cap)."""
     ref = reference.detach().double()
     noise = (ref - approx.detach().double()).pow(2).sum()
     if noise == 0:
-        return math.inf
-    return float(10 * torch.log10(ref.pow(2).sum() / noise))
+        return SQNR_CAP_DB
+    return min(SQNR_CAP_DB, float(10 * torch.log10(ref.pow(2).sum() / noise)))

@@ -110,8 +110,9 @@ def summarize(kind: str, quantized: list[dict[str, Any]], skipped: dict[str, str
     sqnr = sorted(q["weight_sqnr_db"] for q in quantized)
     parts = [f"{len(quantized)} linears -> {kind}" + (f" ({extra})" if extra else "")]
     if quantized:
+        exact = " (>= 200 dB: the float weights were already on this grid)" if sqnr[0] >= 200.0 else ""
         parts.append(f"weights {before / 2**20:.1f} -> {after / 2**20:.1f} MiB, "
-                     f"weight SQNR min {sqnr[0]:.1f} dB, median {sqnr[len(sqnr) // 2]:.1f} dB")
+                     f"weight SQNR min {sqnr[0]:.1f} dB, median {sqnr[len(sqnr) // 2]:.1f} dB{exact}")
     if skipped:
         shown = ", ".join(f"{n} ({why})" for n, why in list(skipped.items())[:4])
         parts.append(f"kept float: {len(skipped)}: {shown}" + (" ..." if len(skipped) > 4 else ""))

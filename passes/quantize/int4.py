@@ -83,6 +83,9 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
             "accuracy_level 4, the fastest on CPUs with VNNI); float: dequantize and multiply in float.")
         awq_grid: int = Field(20, ge=2, description="awq: ratios tried on [0, 1).")
         awq_rows: int = Field(512, ge=16, description="awq: calibration rows kept per linear for the search.")
+        embeddings: bool = Field(
+            False, description="Also store embedding tables as 8-bit symmetric groups (GGUF Q8_0's form): a lookup "
+            "dequantizes only its rows. A tied lm_head quantized at 8 bits shares the same table.")
         lm_head_bits: Literal[4, 8] = Field(
             8, description="lm_head: true: its bits. 8 by default: the output projection is the layer whose error "
             "reaches the logits unfiltered (and tied lm_heads are often stored at 8 bits, e.g. GGUF Q8_0).")
@@ -102,11 +105,16 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
         if o.algorithm == "awq":
             awq = self._awq(program, edit, linears, selection.chosen, weights)
         rows = []
+        tables: dict[int, tuple] = {}  # id(float weight) -> (packed node, scales node): shared by tied tables
         for lin in selection.chosen:
             w = weights[lin.name]
             bits = o.lm_head_bits if lin.is_lm_head else 4
-            q = quant.quantize_weight_nbits(w, o.group_size, bits=bits, symmetric=o.symmetric)
-            args = (lin.x, edit.add(f"{lin.name}.qweight", q.packed), edit.add(f"{lin.name}.scales", q.scales),
+            symmetric = o.symmetric or bits == 8  # 8-bit groups are symmetric (Q8_0's form)
+            q = quant.quantize_weight_nbits(w, o.group_size, bits=bits, symmetric=symmetric)
+            packed_node, scales_node = edit.add(f"{lin.name}.qweight", q.packed), edit.add(f"{lin.name}.scales", q.scales)
+            if bits == 8 and lin.name not in awq:
+                tables[id(lin.weight)] = (packed_node, scales_node)
+            args = (lin.x, packed_node, scales_node,
                     edit.add(f"{lin.name}.offsets", q.offsets.t().contiguous()) if q.offsets is not None else None,
                     lin.bias, w.shape[1], o.group_size, bits, o.compute)
             with gm.graph.inserting_before(lin.node):
@@ -128,12 +136,50 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
             scaled = sum(1 for a in awq.values() if a.get("folded"))
             extra += f", AWQ scales on {scaled} of {len(awq)} linears"
         summary, stats = summarize("int4", rows, selection.skipped, extra)
+        embedding_rows = self._embeddings(gm, edit, tables) if o.embeddings else []
         embeddings = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.embedding.default]
         emb_bytes = sum(weight_bytes(edit.value(n.args[0])) for n in embeddings if edit.value(n.args[0]) is not None)
+        if embedding_rows:
+            shared = sum(1 for r in embedding_rows if r["shared_with_lm_head"])
+            summary += (f"; {len(embedding_rows)} embedding table(s) -> 8-bit groups"
+                        + (f" ({shared} sharing the lm_head's table)" if shared else ""))
         if emb_bytes:
             summary += f"; embeddings kept float: {emb_bytes / 2**20:.1f} MiB"
+        stats["embeddings"] = embedding_rows
         stats["embeddings_float_bytes"] = emb_bytes
         return PassResult(program.with_graph(gm, weights=edit), True, stats, summary)
+
+    def _embeddings(self, gm: torch.fx.GraphModule, edit: WeightEdit, tables: dict[int, tuple]) -> list[dict]:
+        """Embedding lookups -> compilekit::nbits_embedding over 8-bit groups (shared with a tied lm_head)."""
+        o = self.options
+        rows = []
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target is not aten.embedding.default:
+                continue
+            weight = edit.value(node.args[0])
+            if weight is None or weight.dim() != 2 or weight.shape[1] % o.group_size:
+                continue
+            shared = tables.get(id(weight))
+            if shared is None:
+                q = quant.quantize_weight_nbits(weight.detach().float(), o.group_size, bits=8)
+                name = edit.target(node.args[0]) or node.name
+                shared_flag = False
+                packed_node = edit.add(f"{name}.qtable", q.packed)
+                scales_node = edit.add(f"{name}.qscales", q.scales)
+                tables[id(weight)] = (packed_node, scales_node)
+                bytes_after = weight_bytes(q.packed) + weight_bytes(q.scales)
+            else:
+                packed_node, scales_node = shared
+                shared_flag, bytes_after = True, 0
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(torch.ops.compilekit.nbits_embedding.default,
+                                             (node.args[1], packed_node, scales_node, weight.shape[1], o.group_size, 8))
+            new.meta.update({k: node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in node.meta})
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            rows.append({"shape": list(weight.shape), "bits": 8, "shared_with_lm_head": shared_flag,
+                         "bytes_before": weight_bytes(weight), "bytes_after": bytes_after})
+        return rows
 
     def _awq(self, program: Program, edit: WeightEdit, linears: list[Linear], chosen: list[Linear],
              weights: dict[str, torch.Tensor]) -> dict[str, dict]:

@@ -278,3 +278,27 @@ def test_skip_auto_fallback_per_token_keeps_every_layer_int8(bert):
     assert sum(m == "dynamic" for m in modes.values()) == len(modes) - len(chosen)
     assert op_histogram(result.program.graph).get("aten.linear", 0) == 0
     assert compare(reference, _run(result.program, batches))["last_hidden_state"].sqnr_db >= target
+
+
+def test_int4_embeddings_share_a_tied_lm_heads_8bit_table(export_tiny, tiny_configs, tmp_path):
+    tiny = export_tiny({**tiny_configs["llama"], "tie_word_embeddings": True}, "causal-lm",
+                       ("input_ids", "attention_mask"))
+    batches = _batches(tiny)
+    reference = _run(tiny.program, batches)
+    result = get_pass("quantize.int4_weight_only")({"lm_head": True, "embeddings": True, "compute": "float"},
+                                                   context=_ctx(batches))(tiny.program)
+    hist = op_histogram(result.program.graph)
+    assert hist["compilekit.nbits_embedding"] == 1 and "aten.embedding" not in hist
+    (table,) = result.stats["embeddings"]
+    assert table["shared_with_lm_head"] and table["bits"] == 8
+    # One packed table in the program for both the lookup and the lm_head; the float table is gone.
+    tables = [t for t in result.program.ep.state_dict.values() if tuple(t.shape[:1]) == (128,) and t.dim() >= 2]
+    assert sorted((str(t.dtype), tuple(t.shape)) for t in tables) == [
+        ("torch.float32", (128, 1)), ("torch.uint8", (128, 1, 32))]  # packed table + scales, no float table
+    outs = _run(result.program, batches)
+    assert compare(reference, outs)["logits"].sqnr_db > 10.0
+    lowered, ops, _ = _ort(result.program, batches, tmp_path)
+    assert compare(outs, lowered)["logits"].sqnr_db > 90.0
+    # Without `embeddings`, the lookup stays a float Gather.
+    plain = get_pass("quantize.int4_weight_only")({"lm_head": True}, context=_ctx(batches))(tiny.program)
+    assert "compilekit.nbits_embedding" not in op_histogram(plain.program.graph)
