@@ -122,7 +122,10 @@ def calibration_context(loaded: LoadedRecipe, model: LoadedModel, adapter: Any, 
     def batches(program: Program) -> list[Batch]:
         if not cache:
             with _eager_errors():
-                cache.extend(_calibration_batches(loaded, model, adapter))
+                cache.extend(b for b in _calibration_batches(loaded, model, adapter) if sample_count([b]))
+            if not cache:
+                raise VerificationError("the calibration data has no samples",
+                                        hint="raise calibration.samples, or give a larger corpus / tensor file")
             reporter.log(f"calibration: {sample_count(cache)} samples ({loaded.recipe.calibration.source})")
         return [feeds_for(program.kv_layout, b) for b in cache]
 

@@ -195,7 +195,6 @@ class WeightEdit:
         self.constants = dict(program.ep.constants)
         self.specs = {spec.arg.name: spec for spec in program.ep.graph_signature.input_specs
                       if hasattr(spec.arg, "name")}
-        self._signature = program.ep.graph_signature
         self._added: list[Any] = []
 
     def target(self, node: Any) -> str | None:

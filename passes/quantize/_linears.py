@@ -129,7 +129,6 @@ def scale_input(edit: WeightEdit, group: Sequence[Linear], inverse: torch.Tensor
     the norm that produces x when nothing else reads x, else an explicit multiply before the group. Returns
     how: `norm` or `mul`. The caller scales the group's weights by 1 / inverse."""
     x = group[0].x
-    graph = x.graph
     spec = _NORM_WEIGHT_ARG.get(x.target) if x.op == "call_function" else None
     members = {lin.node for lin in group}
     if fold and spec is not None and set(x.users) <= members | _asserts(x):

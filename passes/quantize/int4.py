@@ -112,7 +112,7 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
             symmetric = o.symmetric or bits == 8  # 8-bit groups are symmetric (Q8_0's form)
             q = quant.quantize_weight_nbits(w, o.group_size, bits=bits, symmetric=symmetric)
             packed_node, scales_node = edit.add(f"{lin.name}.qweight", q.packed), edit.add(f"{lin.name}.scales", q.scales)
-            if bits == 8 and lin.name not in awq:
+            if bits == 8 and (awq.get(lin.name) or {}).get("scale") is None:  # not AWQ-scaled: the table itself
                 tables[id(lin.weight)] = (packed_node, scales_node)
             args = (lin.x, packed_node, scales_node,
                     edit.add(f"{lin.name}.offsets", q.offsets.t().contiguous()) if q.offsets is not None else None,
