@@ -186,9 +186,10 @@ def passes_cmd() -> None:
         if not fields:
             click.echo("    options: none")
         for field, info in fields.items():
-            ann = getattr(info.annotation, "__name__", str(info.annotation))
+            ann = str(info.annotation).replace("typing.", "") if getattr(info.annotation, "__args__", None) \
+                else getattr(info.annotation, "__name__", str(info.annotation))
             doc = f"  {info.description}" if info.description else ""
-            click.echo(f"    {field}: {ann} = {info.default!r}{doc}")
+            click.echo(f"    {field}: {ann} = {info.get_default(call_default_factory=True)!r}{doc}")
 
 
 @cli.group()
