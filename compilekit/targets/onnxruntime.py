@@ -426,18 +426,7 @@ def _pack_sibling_matmuls(model) -> int:
         split = ir.Node("", "Split", [matmul.outputs[0], sizes], attributes=[ir.AttrInt64("axis", -1)],
                         num_outputs=len(nodes), name=f"{first.name}_split")
         graph.insert_after(anchor, [matmul, split])
-        for old, new in zip(nodes, split.outputs):
-            out = old.outputs[0]
-            new.shape, new.type = out.shape, out.type
-            name = out.name
-            out.replace_all_uses_with(new)
-            out.name = None
-            new.name = name
-        for old in nodes:
-            weight = old.inputs[1]
-            graph.remove(old, safe=True)
-            if not weight.uses() and weight.name in graph.initializers:
-                del graph.initializers[weight.name]
+        _reroute(graph, [n.outputs[0] for n in nodes], split.outputs, nodes)
         merged += 1
     return merged
 
@@ -536,27 +525,7 @@ def _pack_sibling_nbits(model) -> int:
                         attributes=[ir.AttrInt64("axis", -1)], num_outputs=len(nodes), name=f"{first.name}_split")
         new_nodes.append(split)
         graph.insert_after(max(removed, key=lambda n: list(graph).index(n)), new_nodes)
-        for old, new in zip(olds, split.outputs):
-            new.shape, new.type = old.shape, old.type
-            name = old.name
-            old.replace_all_uses_with(new)
-            old.name = None
-            new.name = name
-        for old in removed:
-            if old.op_type == "Add":
-                graph.remove(old, safe=True)
-        for old in removed:
-            if old.op_type != "Add":
-                weights = [v for v in old.inputs[1:] if v is not None]
-                graph.remove(old, safe=True)
-                for w in weights:
-                    producer = w.producer()
-                    if not w.uses() and producer is not None and producer.op_type == "Reshape":
-                        source = producer.inputs[0]
-                        graph.remove(producer, safe=True)
-                        w = source
-                    if not w.uses() and w.name in graph.initializers:
-                        del graph.initializers[w.name]
+        _reroute(graph, olds, split.outputs, removed)
         merged += 1
     if merged:
         graph.sort()  # users of the old outputs may sit between the siblings
@@ -602,23 +571,33 @@ def _pack_sibling_dynamic_quantize(model) -> int:
         split = ir.Node("", "Split", [packed.outputs[0], _const(graph, f"{first.name}_packed_sizes", sizes)],
                         attributes=[ir.AttrInt64("axis", -1)], num_outputs=len(nodes), name=f"{first.name}_split")
         graph.insert_after(max(nodes, key=lambda n: list(graph).index(n)), [packed, split])
-        for old, new in zip(nodes, split.outputs):
-            out = old.outputs[0]
-            new.shape, new.type = out.shape, out.type
-            name = out.name
-            out.replace_all_uses_with(new)
-            out.name = None
-            new.name = name
-        for old in nodes:
-            weights_in = [v for v in old.inputs[1:] if v is not None]
-            graph.remove(old, safe=True)
-            for w in weights_in:
-                if not w.uses() and w.name in graph.initializers:
-                    del graph.initializers[w.name]
+        _reroute(graph, [n.outputs[0] for n in nodes], split.outputs, nodes)
         merged += 1
     if merged:
         graph.sort()
     return merged
+
+
+def _reroute(graph, olds, news, removed) -> None:
+    """Give each old output's uses (and name) to its new value, then remove the `removed` nodes (consumers
+    first) and any weights they leave unused (looking through a Reshape of a constant)."""
+    for old, new in zip(olds, news):
+        new.shape, new.type = old.shape, old.type
+        name = old.name
+        old.replace_all_uses_with(new)
+        old.name = None
+        new.name = name
+    for node in sorted(removed, key=lambda n: -list(graph).index(n)):
+        weights = [v for v in node.inputs[1:] if v is not None]
+        graph.remove(node, safe=True)
+        for w in weights:
+            producer = w.producer()
+            if not w.uses() and producer is not None and producer.op_type == "Reshape":
+                source = producer.inputs[0]
+                graph.remove(producer, safe=True)
+                w = source
+            if not w.uses() and w.name in graph.initializers:
+                del graph.initializers[w.name]
 
 
 def _const(graph, name: str, array):

@@ -12,8 +12,9 @@ from compilekit.errors import RecipeError
 from compilekit.ir import Program, WeightEdit
 from compilekit.pipeline import Pass, PassOptions, PassResult
 from compilekit.sensitivity import choose_float_layers, layer_sensitivity
+from compilekit.verify.data import take_samples
 
-from ._linears import find_linears, select
+from ._linears import find_linears, select, summarize
 
 GateName = Literal["cosine_min", "cosine_mean", "sqnr_db", "max_abs", "max_rel"]
 
@@ -40,6 +41,19 @@ class QuantizePass(Pass):
     def quantize(self, program: Program, only: set[str] | None, keep_float: set[str]) -> PassResult:
         raise NotImplementedError
 
+    def select(self, program: Program, only: set[str] | None, keep_float: set[str]):
+        """A copy of the graph to edit, its WeightEdit, every linear found, and the selection to quantize;
+        or the PassResult that says nothing is to be quantized and why."""
+        gm = program.copy_graph()
+        edit = WeightEdit(program, gm)
+        linears, missed = find_linears(edit, gm.graph)
+        selection = select(linears, skip=self.skip_patterns, lm_head=self.options.lm_head, missed=missed, only=only,
+                           keep_float=keep_float)
+        if not selection.chosen:
+            summary, stats = summarize(self.kind, [], selection.skipped)
+            return PassResult(program, False, stats, "nothing quantized; " + summary)
+        return gm, edit, linears, selection
+
     def call(self, program: Program) -> PassResult:
         if self.options.skip == "auto":
             return self._auto(program)
@@ -56,15 +70,7 @@ class QuantizePass(Pass):
                                            missed=missed).chosen]
 
     def _sensitivity_batches(self, program: Program) -> list[Any]:
-        batches = self.context.calibration_batches(program, self.name)
-        out, left = [], self.options.sensitivity_samples
-        for b in batches:
-            if left <= 0:
-                break
-            n = next(iter(b.values())).shape[0]
-            out.append(b if n <= left else {k: v[:left] for k, v in b.items()})
-            left -= n
-        return out
+        return take_samples(self.context.calibration_batches(program, self.name), self.options.sensitivity_samples)
 
     def _quantized(self, program: Program) -> Callable[[set[str] | None, set[str]], Program]:
         return lambda only, keep: self.quantize(program, only, keep).program

@@ -92,6 +92,18 @@ def select(linears: Sequence[Linear], *, skip: Sequence[str], lm_head: bool, mis
     return out
 
 
+def replace_node(node: torch.fx.Node, target: Any, args: tuple) -> torch.fx.Node:
+    """Insert `target(*args)` before `node`, move node's value metadata and provenance and its users to it,
+    and erase `node`."""
+    graph = node.graph
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    new.meta.update({k: node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in node.meta})
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
 def groups_by_input(linears: Sequence[Linear]) -> list[list[Linear]]:
     """Linears that read the same tensor (q/k/v; gate/up), in graph order: they share input scales."""
     groups: dict[torch.fx.Node, list[Linear]] = {}

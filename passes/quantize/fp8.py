@@ -15,11 +15,11 @@ from pydantic import Field
 
 from compilekit import quant
 from compilekit.calibrate import observe_inputs
-from compilekit.ir import Program, WeightEdit
+from compilekit.ir import Program
 from compilekit.pipeline import PassResult, register_pass
 
 from ._base import QuantizeOptions, QuantizePass
-from ._linears import find_linears, select, summarize, weight_bytes
+from ._linears import replace_node, summarize, weight_bytes
 
 
 @register_pass
@@ -39,14 +39,10 @@ class QuantizeFp8Pass(QuantizePass):
 
     def quantize(self, program: Program, only: set[str] | None, keep_float: set[str]) -> PassResult:
         o = self.options
-        gm = program.copy_graph()
-        edit = WeightEdit(program, gm)
-        linears, missed = find_linears(edit, gm.graph)
-        selection = select(linears, skip=self.skip_patterns, lm_head=o.lm_head, missed=missed, only=only,
-                           keep_float=keep_float)
-        if not selection.chosen:
-            summary, stats = summarize("fp8", [], selection.skipped)
-            return PassResult(program, False, stats, "nothing quantized; " + summary)
+        picked = self.select(program, only, keep_float)
+        if isinstance(picked, PassResult):
+            return picked
+        gm, edit, linears, selection = picked
         if self._observed is None or self._observed[0] is not program:  # every linear at once, for skip: auto
             options = {"percentile": o.percentile} if o.observer == "percentile" else {}
             self._observed = (program, observe_inputs(program, self.context.calibration_batches(program, self.name),
@@ -61,11 +57,7 @@ class QuantizeFp8Pass(QuantizePass):
             x_scale = float(quant.fp8_scale(observed[lin.node.name].tensor_absmax()))
             args = (lin.x, edit.add(f"{lin.name}.weight_fp8", w8), edit.add(f"{lin.name}.weight_scale", w_scale),
                     lin.bias, x_scale)
-            with gm.graph.inserting_before(lin.node):
-                new = gm.graph.call_function(torch.ops.compilekit.fp8_linear.default, args)
-            new.meta.update({k: lin.node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in lin.node.meta})
-            lin.node.replace_all_uses_with(new)
-            gm.graph.erase_node(lin.node)
+            replace_node(lin.node, torch.ops.compilekit.fp8_linear.default, args)
             rows.append({"name": lin.name, "shape": list(lin.shape), "input_scale": x_scale,
                          "weight_sqnr_db": round(quant.sqnr_db(w.t(), w8.float() * w_scale), 2),
                          "bytes_before": weight_bytes(lin.weight), "bytes_after": weight_bytes(w8) + 4})

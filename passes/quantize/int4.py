@@ -24,7 +24,7 @@ from compilekit.ir import Program, WeightEdit
 from compilekit.pipeline import PassResult, register_pass
 
 from ._base import QuantizeOptions, QuantizePass
-from ._linears import Linear, find_linears, groups_by_input, scale_input, select, summarize, weight_bytes
+from ._linears import Linear, groups_by_input, replace_node, scale_input, summarize, weight_bytes
 
 aten = torch.ops.aten
 
@@ -92,14 +92,10 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
 
     def quantize(self, program: Program, only: set[str] | None, keep_float: set[str]) -> PassResult:
         o = self.options
-        gm = program.copy_graph()
-        edit = WeightEdit(program, gm)
-        linears, missed = find_linears(edit, gm.graph)
-        selection = select(linears, skip=self.skip_patterns, lm_head=o.lm_head, missed=missed, only=only,
-                           keep_float=keep_float)
-        if not selection.chosen:
-            summary, stats = summarize("int4", [], selection.skipped)
-            return PassResult(program, False, stats, "nothing quantized; " + summary)
+        picked = self.select(program, only, keep_float)
+        if isinstance(picked, PassResult):
+            return picked
+        gm, edit, linears, selection = picked
         weights = {lin.name: lin.weight.detach().float() for lin in selection.chosen}
         awq: dict[str, dict] = {}
         if o.algorithm == "awq":
@@ -117,11 +113,7 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
             args = (lin.x, packed_node, scales_node,
                     edit.add(f"{lin.name}.offsets", q.offsets.t().contiguous()) if q.offsets is not None else None,
                     lin.bias, w.shape[1], o.group_size, bits, o.compute)
-            with gm.graph.inserting_before(lin.node):
-                new = gm.graph.call_function(torch.ops.compilekit.nbits_linear.default, args)
-            new.meta.update({k: lin.node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in lin.node.meta})
-            lin.node.replace_all_uses_with(new)
-            gm.graph.erase_node(lin.node)
+            replace_node(lin.node, torch.ops.compilekit.nbits_linear.default, args)
             deq = quant.dequantize_weight_nbits(q.packed, q.scales, q.offsets, w.shape[1], bits)
             awq.get(lin.name, {}).pop("scale", None)  # a tensor: not for the manifest
             rows.append({"name": lin.name, "shape": list(lin.shape), "bits": bits, "awq": awq.get(lin.name),
@@ -171,12 +163,8 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
             else:
                 packed_node, scales_node = shared
                 shared_flag, bytes_after = True, 0
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(torch.ops.compilekit.nbits_embedding.default,
-                                             (node.args[1], packed_node, scales_node, weight.shape[1], o.group_size, 8))
-            new.meta.update({k: node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in node.meta})
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
+            replace_node(node, torch.ops.compilekit.nbits_embedding.default,
+                         (node.args[1], packed_node, scales_node, weight.shape[1], o.group_size, 8))
             rows.append({"shape": list(weight.shape), "bits": 8, "shared_with_lm_head": shared_flag,
                          "bytes_before": weight_bytes(weight), "bytes_after": bytes_after})
         return rows

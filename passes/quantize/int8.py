@@ -26,7 +26,7 @@ from compilekit.ir import Program, WeightEdit
 from compilekit.pipeline import PassResult, register_pass
 
 from ._base import QuantizeOptions, QuantizePass
-from ._linears import find_linears, groups_by_input, scale_input, select, summarize, weight_bytes
+from ._linears import find_linears, groups_by_input, replace_node, scale_input, summarize, weight_bytes
 
 
 @register_pass
@@ -66,14 +66,10 @@ class QuantizeInt8Pass(QuantizePass):
         per_token: set[str] = set()
         if o.fallback == "per_token" and o.activations != "per_token":
             per_token, keep_float = set(keep_float), set()  # skip: auto's layers stay int8, per-token
-        gm = program.copy_graph()
-        edit = WeightEdit(program, gm)
-        linears, missed = find_linears(edit, gm.graph)
-        selection = select(linears, skip=self.skip_patterns, lm_head=o.lm_head, missed=missed, only=only,
-                           keep_float=keep_float)
-        if not selection.chosen:
-            summary, stats = summarize("int8", [], selection.skipped)
-            return PassResult(program, False, stats, "nothing quantized; " + summary)
+        picked = self.select(program, only, keep_float)
+        if isinstance(picked, PassResult):
+            return picked
+        gm, edit, linears, selection = picked
         weights = {lin.name: lin.weight.detach().float() for lin in selection.chosen}
         inverse: dict[str, torch.Tensor] = {}
         smoothed: dict[str, str] = {}
@@ -115,12 +111,8 @@ class QuantizeInt8Pass(QuantizePass):
             qn = edit.add(f"{lin.name}.qweight", q)
             sn = edit.add(f"{lin.name}.weight_scale", scale)
             mode = "per_token" if lin.name in per_token else o.activations
-            with gm.graph.inserting_before(lin.node):
-                new = gm.graph.call_function(torch.ops.compilekit.int8_linear.default,
-                                             (lin.x, qn, sn, lin.bias, mode, input_scales.get(lin.name, 0.0)))
-            new.meta.update({k: lin.node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in lin.node.meta})
-            lin.node.replace_all_uses_with(new)
-            gm.graph.erase_node(lin.node)
+            replace_node(lin.node, torch.ops.compilekit.int8_linear.default,
+                         (lin.x, qn, sn, lin.bias, mode, input_scales.get(lin.name, 0.0)))
             rows.append({"name": lin.name, "shape": list(lin.shape), "activations": mode,
                          "smoothing": smoothed.get(lin.name),
                          "input_scale": input_scales.get(lin.name),
