@@ -94,8 +94,10 @@ def _int8_linear_qdq(x, weight, weight_scale, bias, mode: str, input_scale: floa
     if mode != "static":
         raise ValueError(f"int8 activations `{mode}` have no TensorRT form (TensorRT has no dynamic int8 "
                          "quantization); use quantize.int8 with activations: static for the tensorrt target")
+    from onnxscript import opset18 as op18
+
     scale = op.Constant(value_float=input_scale)
-    zp = op.Cast(op.Constant(value_int=0), to=_INT8)
+    zp = op18.Cast(op.Constant(value_int=0), to=_INT8)
     xd = op.DequantizeLinear(op.QuantizeLinear(x, scale, zp), scale, zp)
     wd = op.DequantizeLinear(weight, weight_scale, axis=1)  # no zero point: int8 and 0, as TensorRT requires
     y = op.MatMul(xd, wd)
@@ -222,7 +224,7 @@ def _fp8_linear_qdq(x, weight, weight_scale, bias, input_scale: float):
     from onnxscript import opset21 as op
 
     scale = op.Constant(value_float=input_scale)
-    zero = op.Cast(op.Constant(value_float=0.0), to=17)  # FLOAT8E4M3FN
+    zero = op.Cast(op.Constant(value_float=0.0), to=17)  # FLOAT8E4M3FN (opset >= 19: see MIN_OPSET)
     xd = op.DequantizeLinear(op.QuantizeLinear(x, scale, zero), scale, zero)
     y = op.MatMul(xd, op.DequantizeLinear(weight, weight_scale))
     return y if bias is None else op.Add(y, bias)
@@ -231,6 +233,9 @@ def _fp8_linear_qdq(x, weight, weight_scale, bias, input_scale: float):
 for _flavor in ("onnxruntime", "tensorrt"):
     register_translation(_flavor, torch.ops.compilekit.fp8_linear.default)(_fp8_linear_qdq)
 
+
+# The lowest ONNX opset each op's translations need (FP8 types and Q/DQ on them arrived in opset 19).
+MIN_OPSET = {torch.ops.compilekit.fp8_linear.default: 19}
 
 QUANTIZED_LINEARS = (torch.ops.compilekit.int8_linear.default, torch.ops.compilekit.nbits_linear.default,
                      torch.ops.compilekit.fp8_linear.default)

@@ -43,6 +43,12 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
     if missing:
         raise LoweringError(f"no {flavor} ONNX translation for {sorted(map(str, missing))}",
                             hint="remove the pass that emitted these ops, or choose another target")
+    from ..qops import MIN_OPSET
+
+    too_new = sorted(f"{op} (opset >= {v})" for op, v in MIN_OPSET.items() if op in used and opset < v)
+    if too_new:
+        raise LoweringError(f"the program uses {', '.join(too_new)}, and the target lowers at opset {opset}",
+                            hint="raise target.options.opset (e.g. 21)")
     if external_data is None:
         external_data = program.summary().parameter_bytes > EXTERNAL_DATA_BYTES
     ep = program.ep

@@ -302,3 +302,11 @@ def test_int4_embeddings_share_a_tied_lm_heads_8bit_table(export_tiny, tiny_conf
     # Without `embeddings`, the lookup stays a float Gather.
     plain = get_pass("quantize.int4_weight_only")({"lm_head": True}, context=_ctx(batches))(tiny.program)
     assert "compilekit.nbits_embedding" not in op_histogram(plain.program.graph)
+
+
+def test_fp8_below_opset_19_is_a_clear_lowering_error(bert, tmp_path):
+    from compilekit.errors import LoweringError
+
+    result = get_pass("quantize.fp8")({}, context=_ctx(_batches(bert)))(bert.program)
+    with pytest.raises(LoweringError, match="opset >= 19"):
+        lower_to_onnx(result.program, tmp_path / "m.onnx", opset=18, flavor="onnxruntime")
