@@ -428,6 +428,8 @@ def _pack_sibling_matmuls(model) -> int:
         graph.insert_after(anchor, [matmul, split])
         _reroute(graph, [n.outputs[0] for n in nodes], split.outputs, nodes)
         merged += 1
+    if merged:
+        graph.sort()  # users of the old outputs may sit between the siblings
     return merged
 
 
