@@ -14,7 +14,6 @@ import torch
 from pydantic import Field
 
 from compilekit import quant
-from compilekit.calibrate import observe_inputs
 from compilekit.ir import Program
 from compilekit.pipeline import PassResult, register_pass
 
@@ -33,22 +32,14 @@ class QuantizeFp8Pass(QuantizePass):
             "minmax", description="Activation range from min/max, or a percentile of |x| (clips rare extremes).")
         percentile: float = Field(99.99, gt=50.0, le=100.0, description="percentile observer: which percentile.")
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._observed: tuple[Program, dict] | None = None  # held, so its id cannot be reused
-
     def quantize(self, program: Program, only: set[str] | None, keep_float: set[str]) -> PassResult:
         o = self.options
         picked = self.select(program, only, keep_float)
         if isinstance(picked, PassResult):
             return picked
         gm, edit, linears, selection = picked
-        if self._observed is None or self._observed[0] is not program:  # every linear at once, for skip: auto
-            options = {"percentile": o.percentile} if o.observer == "percentile" else {}
-            self._observed = (program, observe_inputs(program, self.context.calibration_batches(program, self.name),
-                                                      [lin.node.name for lin in linears], observer=o.observer,
-                                                      **options))
-        observed = self._observed[1]
+        options = {"percentile": o.percentile} if o.observer == "percentile" else {}
+        observed = self.observe(program, [lin.node.name for lin in linears], observer=o.observer, **options)
         rows = []
         for lin in selection.chosen:
             w = lin.weight.detach().float()

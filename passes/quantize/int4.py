@@ -19,7 +19,6 @@ import torch
 from pydantic import Field
 
 from compilekit import quant
-from compilekit.calibrate import observe_inputs
 from compilekit.ir import Program, WeightEdit
 from compilekit.pipeline import PassResult, register_pass
 
@@ -172,8 +171,8 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
     def _awq(self, program: Program, edit: WeightEdit, linears: list[Linear], chosen: list[Linear],
              weights: dict[str, torch.Tensor]) -> dict[str, dict]:
         o = self.options
-        batches = self.context.calibration_batches(program, self.name)
-        observed = observe_inputs(program, batches, [lin.node.name for lin in chosen], keep_rows=o.awq_rows)
+        # Every linear at once: skip: auto asks again per candidate, and gets these back.
+        observed = self.observe(program, [lin.node.name for lin in linears], keep_rows=o.awq_rows)
         by_node = {lin.node: lin for lin in linears}
         report: dict[str, dict] = {}
         for group in groups_by_input(chosen):

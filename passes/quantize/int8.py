@@ -50,17 +50,6 @@ class QuantizeInt8Pass(QuantizePass):
             "float", description="skip: auto: what the most sensitive layers become: float, or int8 with per-token "
             "activations (more accurate than per-tensor, cheaper than float on ORT CPU).")
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # Calibration statistics of the last program seen (held, so its id cannot be reused), for skip: auto.
-        self._observed: tuple[Program, dict] | None = None
-
-    def _observe(self, program: Program, nodes: list[str]) -> dict:
-        if self._observed is None or self._observed[0] is not program or not set(nodes) <= set(self._observed[1]):
-            batches = self.context.calibration_batches(program, self.name)
-            self._observed = (program, observe_inputs(program, batches, nodes))
-        return self._observed[1]
-
     def quantize(self, program: Program, only: set[str] | None, keep_float: set[str]) -> PassResult:
         o = self.options
         per_token: set[str] = set()
@@ -75,7 +64,7 @@ class QuantizeInt8Pass(QuantizePass):
         smoothed: dict[str, str] = {}
         all_nodes = [lin.node.name for lin in linears]
         needs_ranges = o.smoothquant or (o.activations == "static" and o.observer == "minmax")
-        observed = self._observe(program, all_nodes) if needs_ranges else {}
+        observed = self.observe(program, all_nodes) if needs_ranges else {}
         if o.smoothquant:
             for group in groups_by_input(selection.chosen):
                 act = observed[group[0].node.name].channel_absmax
