@@ -20,19 +20,33 @@ from .quant import OBSERVERS, MinMaxObserver
 Batch = dict[str, torch.Tensor]
 
 
-class _Observing(torch.fx.Interpreter):
-    def __init__(self, module: torch.fx.GraphModule, observers: Mapping[str, MinMaxObserver],
-                 argument: int) -> None:
+class _Watching(torch.fx.Interpreter):
+    def __init__(self, module: torch.fx.GraphModule, watchers: Mapping[str, Callable[[torch.Tensor], None]]) -> None:
         super().__init__(module)
-        self.observers = observers
-        self.argument = argument
+        self.watchers = watchers
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        observer = self.observers.get(n.name)
-        if observer is not None:
-            value = self.env[n.args[self.argument]]
-            observer.update(value)
-        return super().run_node(n)
+        result = super().run_node(n)
+        watcher = self.watchers.get(n.name)
+        if watcher is not None:
+            watcher(result)
+        return result
+
+
+def watch_outputs(program: Program, batches: Sequence[Batch], watchers: Mapping[str, Callable[[torch.Tensor], None]],
+                  progress: Callable[[int, int], None] | None = None) -> None:
+    """Run `program` on `batches` and hand each output of the named nodes to its watcher (a reduction the
+    caller keeps, so no activation is stored)."""
+    module = program.ep.module()
+    missing = sorted(set(watchers) - {n.name for n in module.graph.nodes})
+    if missing:  # unlifting keeps node names; if that ever changes, say so rather than observe nothing
+        raise RuntimeError(f"calibration cannot find nodes {missing[:3]} in the runnable module")
+    interpreter = _Watching(module, watchers)
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            interpreter.run(*(batch[s.name] for s in program.inputs))
+            if progress:
+                progress(i + 1, len(batches))
 
 
 def observe_inputs(program: Program, batches: Sequence[Batch], nodes: Iterable[str], *, observer: str = "minmax",
@@ -45,17 +59,20 @@ def observe_inputs(program: Program, batches: Sequence[Batch], nodes: Iterable[s
     observers = {name: cls(**observer_options) for name in nodes}
     for o in observers.values():
         o.keep_rows = keep_rows
-    module = program.ep.module()
-    names = {n.name for n in module.graph.nodes}
-    missing = [name for name in observers if name not in names]
-    if missing:  # unlifting keeps node names; if that ever changes, say so rather than observe nothing
-        raise RuntimeError(f"calibration cannot find nodes {missing[:3]} in the runnable module")
-    interpreter = _Observing(module, observers, argument)
-    with torch.no_grad():
-        for i, batch in enumerate(batches):
-            interpreter.run(*(batch[s.name] for s in program.inputs))
-            if progress:
-                progress(i + 1, len(batches))
+    by_name = {n.name: n for n in program.graph.nodes}
+    readers: dict[str, list[MinMaxObserver]] = {}
+    for name, o in observers.items():
+        if name not in by_name or not isinstance(by_name[name].args[argument], torch.fx.Node):
+            raise RuntimeError(f"calibration cannot observe argument {argument} of node {name!r}")
+        readers.setdefault(by_name[name].args[argument].name, []).append(o)
+
+    def watcher(group: list[MinMaxObserver]) -> Callable[[torch.Tensor], None]:
+        def update(value: torch.Tensor) -> None:
+            for o in group:
+                o.update(value)
+        return update
+
+    watch_outputs(program, batches, {name: watcher(group) for name, group in readers.items()}, progress)
     return observers
 
 

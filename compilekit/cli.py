@@ -101,7 +101,11 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as one JSON object on stdout.")
 @click.option("--dump-ir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write the program after export and after each pass to numbered files in DIR.")
-def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Path | None) -> None:
+@click.option("--stop-after", type=click.Choice(["onnx"]), default=None,
+              help="onnx: stop at the target's ONNX (tensorrt: no TensorRT or GPU needed). Runs the passes, the "
+                   "ledger, the lowering and its checks and ONNX Runtime's accuracy check of that ONNX, and stores "
+                   "it as an artifact for trtexec or a later build.")
+def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Path | None, stop_after: str | None) -> None:
     """Compile RECIPE: export, passes, lower, verify, store. Exit 3 if a gate fails."""
     from .recipe import load_recipe
 
@@ -111,7 +115,8 @@ def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Pat
         from .summary import print_summary
 
         try:
-            result = compile_recipe(loaded, registry=registry, reporter=RichReporter(err), dump_ir=dump_ir)
+            result = compile_recipe(loaded, registry=registry, reporter=RichReporter(err), dump_ir=dump_ir,
+                                    stop_after=stop_after)
         except GateFailure as failure:
             print_summary(failure.manifest, err)
             err.print(f"[bold red]{failure}[/bold red]", soft_wrap=True)
@@ -119,6 +124,10 @@ def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Pat
                 click.echo(json.dumps(failure.manifest, indent=None, allow_nan=False))
             sys.exit(failure.exit_code)
         print_summary(result.manifest, err, artifact_path=str(result.artifact.path) if result.artifact else None)
+        if stop_after == "onnx" and result.artifact is not None:
+            onnx_path = result.artifact.path / "model.onnx"
+            err.print(f"TensorRT-flavor ONNX: {onnx_path}\n  build it where TensorRT runs: `trtexec --onnx={onnx_path}` "
+                      f"or `compilekit compile {recipe}` on that machine", soft_wrap=True)
         if as_json:
             click.echo(json.dumps(result.manifest, indent=None, allow_nan=False))
 
@@ -172,6 +181,65 @@ def _print_sensitivity(pass_name: str, rows: list[dict]) -> None:
             cells += [f"{m['sqnr_db']:.2f}", f"{m['cosine_min']:.6f}"]
         table.add_row(str(i), row["layer"], *cells)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@cli.command("check-trt")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def check_trt(path: Path, as_json: bool) -> None:
+    """Would TensorRT's ONNX parser take PATH (a .onnx model, or a recipe)? Exit 3 if any node is rejected.
+
+    A recipe runs its passes and lowers (no engine build, no GPU), so each rejected node is traced to the pass
+    that introduced it."""
+
+    def go() -> None:
+        from .trtcheck import check_file, support_table
+
+        if path.suffix == ".onnx":
+            report = check_file(path)
+        else:
+            import tempfile
+
+            from .compile import tensorrt_check_recipe
+            from .recipe import load_recipe
+
+            loaded = load_recipe(path)
+            with tempfile.TemporaryDirectory(prefix="compilekit-check-trt-") as tmp:
+                report = tensorrt_check_recipe(loaded, Path(tmp), reporter=RichReporter(err))
+        if as_json:
+            click.echo(json.dumps(report.to_dict()))
+        else:
+            _print_trt_report(report, support_table()["source"])
+        if not report.ok:
+            sys.exit(3)
+
+    _run(go)
+
+
+def _print_trt_report(report, source: dict) -> None:
+    from collections import Counter
+
+    from rich.table import Table
+
+    err.print(f"[dim]support table: onnx/onnx-tensorrt {source['path']} @ {source['commit'][:12]} (TensorRT "
+              f"{source['tensorrt_version']}, opsets {source['opset_min']}-{source['opset_max']})[/dim]")
+    style = "green" if report.ok else "bold red"
+    err.print(f"[{style}]{report.summary()}[/{style}]")
+    for problem in report.model_problems:
+        err.print(f"[bold red]model:[/bold red] {problem}")
+    if not report.rejections:
+        return
+    groups = Counter((r.op, r.reason, r.origin()) for r in report.rejections)
+    first = {}
+    for r in report.rejections:
+        first.setdefault((r.op, r.reason, r.origin()), f"{r.node}" + (f" ({r.module})" if r.module else ""))
+    table = Table(show_edge=False)
+    for col in ("nodes", "op", "why", "from", "first node (module)"):
+        table.add_column(col, justify="right" if col == "nodes" else "left")
+    for key, count in groups.most_common():
+        op, reason, where = key
+        table.add_row(str(count), op, reason, where, first[key])
+    err.print(table)
 
 
 @cli.command("passes")

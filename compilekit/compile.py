@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .artifact import Artifact
-from .errors import CompilekitError, GateFailure, LoweringError, VerificationError
+from .errors import CompilekitError, GateFailure, LoweringError, RecipeError, VerificationError
 from .export import ExportAdapter, discover_outputs, export_program
 from .ir import Program
 from .kvcache import KVLayout
@@ -237,11 +237,24 @@ def _torch_threads(n: int) -> Iterator[None]:
 # -------------------------------------------------------------------------------------------- stages
 
 
-def prepare(loaded: LoadedRecipe, reporter: Reporter, timer: _Timer):
-    """Validate plugins, load the model, build checking data and the eager reference, export."""
+STOP_STAGES = ("onnx",)
+
+
+def prepare(loaded: LoadedRecipe, reporter: Reporter, timer: _Timer, *, stop_after: str | None = None,
+            lowers: bool = True):
+    """Validate plugins, load the model, build checking data and the eager reference, export. `lowers`:
+    the caller will lower to the target (inspect does not), so a target this machine lacks fails now."""
     recipe = loaded.recipe
     passes = build_passes(recipe.passes, loaded)  # fail on a bad pass before the slow load
     target = build_target(recipe.target, loaded)
+    if stop_after is None:
+        if lowers:
+            target.preflight()  # a target this machine cannot build for fails now, not after minutes of work
+    elif stop_after not in STOP_STAGES:
+        raise RecipeError(f"unknown stage {stop_after!r} to stop after", hint=f"stages: {', '.join(STOP_STAGES)}")
+    elif type(target).lower_onnx is Target.lower_onnx:
+        raise RecipeError(f"--stop-after onnx: target {target.name} has no stage after its ONNX (the ONNX is its "
+                          "artifact)", hint="compile without --stop-after")
     with timer("load", _model_label(recipe.model)):
         model = load_model(recipe.model)
     if recipe.model.task == "text-generation":
@@ -325,12 +338,15 @@ def _model_label(spec) -> str:
 
 
 def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, reporter: Reporter | None = None,
-                   dump_ir: Path | None = None) -> CompileResult:
-    """Run the whole pipeline. Returns the result; raises GateFailure (with the manifest) if a gate fails."""
+                   dump_ir: Path | None = None, stop_after: str | None = None) -> CompileResult:
+    """Run the whole pipeline. Returns the result; raises GateFailure (with the manifest) if a gate fails.
+
+    `stop_after="onnx"` (targets that build past ONNX, like tensorrt) stops at the target's ONNX: passes,
+    ledger, lowering and its checks, and accuracy of that ONNX run by ONNX Runtime; no engine, no latency."""
     reporter = reporter or Reporter()
     timer = _Timer(reporter)
     recipe = loaded.recipe
-    passes, target, model, adapter, batches, reference, program = prepare(loaded, reporter, timer)
+    passes, target, model, adapter, batches, reference, program = prepare(loaded, reporter, timer, stop_after=stop_after)
     outputs = [t.name for t in program.outputs]
     logits = _logits_outputs(loaded, outputs)
     ledger_batches = take_samples(batches, recipe.verify.data.ledger_samples)
@@ -360,9 +376,10 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
     store = LocalStore(registry or default_store_path())
     threads = _latency_threads(loaded, target)
     with store.staging() as staged:
-        with timer("lower", f"{recipe.target.backend}"):
+        with timer("lower", f"{recipe.target.backend}" + (" (ONNX only)" if stop_after else "")):
             lower_start = time.perf_counter()
-            build = target.lower(program, staged, log=reporter.log)
+            lower = target.lower_onnx if stop_after == "onnx" else target.lower
+            build = lower(program, staged, log=reporter.log, origins=manager.op_origins)
             runner = target.load(staged, threads=threads)
             check_start = time.perf_counter()
             lowered = _metrics_dicts(compare(ledger_reference, _run_lowered(runner, ledger_batches, program.kv_layout),
@@ -388,8 +405,13 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
             llm = _llm_checks(loaded, model, program, runner, reporter, timer)
             _save_tokenizer(model, staged)
 
-        latency, latency_gates = _measure_latency(loaded, model, adapter, runner, threads, reporter, timer,
-                                                  program.kv_layout)
+        if stop_after == "onnx":
+            latency, latency_gates = {"passed": True, "enabled": False, "gates": [], "reason": (
+                f"stopped after the ONNX: ONNX Runtime on this CPU is not the {target.name} target, so its "
+                "timing would say nothing about the engine")}, []
+        else:
+            latency, latency_gates = _measure_latency(loaded, model, adapter, runner, threads, reporter, timer,
+                                                      program.kv_layout)
 
         passed = accuracy["passed"] and latency["passed"] and llm.get("passed", True)
         manifest: dict[str, Any] = {
@@ -411,6 +433,7 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
             **({"llm": llm, "generation": _generation_info(model)} if llm else {}),
             "latency": latency,
             "stages": dict(timer.stages),
+            **({"stopped_after": stop_after} if stop_after else {}),
             "files": {},
         }
         if not passed:
@@ -541,9 +564,19 @@ def _measure_latency(loaded: LoadedRecipe, model: LoadedModel, adapter: ExportAd
     if kv and hasattr(runner, "decoder") and inputs["input_ids"].shape[1] == 1:
         compiled, decoder_note = _decode_step_timer(runner, KVLayout.from_dict(kv), inputs)
 
+    # A GPU target (TensorRT) is timed against eager PyTorch on the same GPU, not against the CPU.
+    device = getattr(runner, "device", None)
+    gpu = isinstance(device, torch.device) and device.type == "cuda"
+    if gpu:
+        adapter.to(device)
+        args = tuple(a.to(device) for a in args)
+
     def eager() -> object:
         with torch.inference_mode():
-            return adapter(*args)
+            out = adapter(*args)
+        if gpu:
+            torch.cuda.synchronize(device)
+        return out
 
     spinning = bool(runner.describe().get("spinning"))
     if spec.method == "interleaved" and spinning:
@@ -560,6 +593,8 @@ def _measure_latency(loaded: LoadedRecipe, model: LoadedModel, adapter: ExportAd
         else:
             stats = measure_interleaved(candidates, warmup=spec.warmup, runs=spec.runs, items_per_run=batch,
                                         progress=progress)
+    if gpu:
+        adapter.to("cpu")
     c, e = stats["compiled"], stats["eager"]
     speedup = e.p50_ms / c.p50_ms if c.p50_ms > 0 else float("inf")
     gates: list[dict[str, Any]] = []
@@ -574,7 +609,8 @@ def _measure_latency(loaded: LoadedRecipe, model: LoadedModel, adapter: ExportAd
         "shape": sizes, "threads": threads, "runs": spec.runs, "warmup": spec.warmup,
         "method": (f"alternating blocks of {spec.block} runs (untimed before each: {spec.settle} runs and >= 0.1 s)"
                    if spec.method == "blocks" else "interleaved run by run")
-                  + "; eager and compiled in one process; ORT thread spinning " + ("on" if spinning else "off")
+                  + "; eager and compiled in one process"
+                  + (f"; eager PyTorch fp32 on {device}" if gpu else "; ORT thread spinning " + ("on" if spinning else "off"))
                   + decoder_note,
         "p50_ms": round(c.p50_ms, 4), "p90_ms": round(c.p90_ms, 4), "p99_ms": round(c.p99_ms, 4),
         "throughput": round(c.throughput, 2),
@@ -625,7 +661,7 @@ def inspect_recipe(loaded: LoadedRecipe, *, after: str | None = None, reporter: 
     if after is not None and after not in [p.name for p in recipe.passes]:
         raise loaded.error(("passes",), f"--after names {after!r}, which is not in this recipe's passes",
                            hint=f"the recipe runs: {[p.name for p in recipe.passes] or 'no passes'}")
-    passes, _target, model, adapter, _batches, _reference, program = prepare(loaded, reporter, timer)
+    passes, _target, model, adapter, _batches, _reference, program = prepare(loaded, reporter, timer, lowers=False)
     if after is None:
         return program, []
     with timer("passes"):
@@ -638,7 +674,7 @@ def sensitivity_report(loaded: LoadedRecipe, *, reporter: Reporter | None = None
     before it run, then each layer is quantized alone and its output error measured on calibration data."""
     reporter = reporter or Reporter()
     timer = _Timer(reporter)
-    passes, _target, model, adapter, _batches, _reference, program = prepare(loaded, reporter, timer)
+    passes, _target, model, adapter, _batches, _reference, program = prepare(loaded, reporter, timer, lowers=False)
     index = next((i for i, p in enumerate(passes) if hasattr(p, "sensitivity")), None)
     if index is None:
         raise loaded.error(("passes",), "--sensitivity needs a quantization pass in the recipe, and it has none",
@@ -651,6 +687,28 @@ def sensitivity_report(loaded: LoadedRecipe, *, reporter: Reporter | None = None
     with timer("sensitivity", f"{target_pass.name}, one layer at a time"):
         rows = target_pass.sensitivity(program, lambda done, total: reporter.progress("sensitivity", done, total))
     return target_pass.name, rows
+
+
+def tensorrt_check_recipe(loaded: LoadedRecipe, work_dir: Path, *, reporter: Reporter | None = None):
+    """The static TensorRT capability check of the ONNX this recipe lowers to, with each rejected node
+    traced to the pass that introduced its op. A tensorrt recipe is checked on its TensorRT-flavor ONNX; any
+    other recipe on the ONNX its target builds (would TensorRT take this model?)."""
+    from .trtcheck import check_file
+
+    reporter = reporter or Reporter()
+    timer = _Timer(reporter)
+    passes, target, model, adapter, _batches, _reference, program = prepare(loaded, reporter, timer, lowers=False)
+    manager = PassManager(passes, context=calibration_context(loaded, model, adapter, reporter),
+                          on_pass=lambda name, i, n: reporter.log(f"pass {i}/{n}: {name}"))
+    with timer("passes", f"{len(passes)} pass(es)"):
+        program, _ = manager.run(program)
+    with timer("lower", f"{target.name} ONNX"):
+        if type(target).lower_onnx is not Target.lower_onnx:
+            target = type(target)(target.options.model_copy(update={"check": False}))
+            target.lower_onnx(program, work_dir, origins=manager.op_origins, log=reporter.log)
+        else:
+            target.lower(program, work_dir, origins=manager.op_origins, log=reporter.log)
+    return check_file(work_dir / "model.onnx", origins=manager.op_origins)
 
 
 def load_artifact(ref: str, *, registry: Path | None = None, threads: int | None = None,

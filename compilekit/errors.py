@@ -53,3 +53,7 @@ class GateFailure(Exception):
     def __init__(self, message: str, manifest: dict | None = None) -> None:
         super().__init__(message)
         self.manifest = manifest
+
+
+class TargetUnavailable(CompilekitError):
+    """The recipe's target cannot run on this machine (no TensorRT, no GPU)."""

@@ -118,6 +118,7 @@ class Program:
         `graph_signature` and the matching `inputs`/`outputs` specs in `changes`. A pass that adds or
         replaces weights (quantization) passes the `WeightEdit` it made them with."""
         state_dict, constants = self.ep.state_dict, self.ep.constants
+        inputs_changed = graph_signature is not None  # the example inputs no longer fit the user inputs
         if weights is not None:
             graph_signature, state_dict, constants = weights.finish(graph_signature or self.ep.graph_signature)
         graph_module.recompile()
@@ -128,7 +129,7 @@ class Program:
             state_dict=state_dict,
             range_constraints=self.ep.range_constraints,
             module_call_graph=_call_graph_for(self.ep.module_call_graph, graph_signature),
-            example_inputs=self.ep.example_inputs if graph_signature is None or weights is not None else None,
+            example_inputs=None if inputs_changed else self.ep.example_inputs,
             constants=constants,
             verifiers=getattr(self.ep, "verifiers", None),
         )
@@ -206,6 +207,15 @@ class WeightEdit:
         if name is None:
             return None
         return self.state_dict.get(name, self.constants.get(name))
+
+    def replace(self, node: torch.fx.Node, tensor: torch.Tensor) -> None:
+        """Give weight placeholder `node` a new value (same name; e.g. another dtype)."""
+        name = self.target(node)
+        if name is None:
+            raise ValueError(f"{node.name} is not a weight")
+        (self.state_dict if name in self.state_dict else self.constants)[name] = tensor
+        fake = node.meta.get("val")
+        node.meta["val"] = fake.fake_mode.from_tensor(tensor, static_shapes=True) if hasattr(fake, "fake_mode") else tensor
 
     def add(self, name: str, tensor: torch.Tensor) -> torch.fx.Node:
         from torch.export.graph_signature import InputSpec, TensorArgument

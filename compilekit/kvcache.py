@@ -13,6 +13,10 @@ so a runtime knows how to feed the compiled model. The export gives the canonica
   block_size, head_dim]) shared by all sequences; `block_table` [batch, blocks in use] lists each
   sequence's blocks in order. The present is the pool, written at `cache_position`, and shares its buffer.
 
+The stored dtype is float32, float16, or int8 with fixed scales per layer, K/V and KV head, or per head and
+channel (`k_scales`, `v_scales`, chosen by `kv.layout` from calibration): stored = clamp(round(x / scale),
+-127, 127).
+
 Conversions between the canonical form and a layout live here, so the pass ledger, the accuracy check and
 the generation runner all feed a program the same way, whatever its layout.
 """
@@ -31,7 +35,7 @@ BLOCK_TABLE = "block_table"
 INPUT_IDS = "input_ids"
 LOGITS = "logits"
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 
 
 def past_name(layer: int, kind: str) -> str:
@@ -50,13 +54,16 @@ class KVLayout:
     head_dim: int
     layout: Literal["bhsd", "bshd"] = "bhsd"
     cache: Literal["concat", "static", "paged"] = "concat"
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16", "int8"] = "float32"
     max_len: int | None = None          # static / paged: positions per sequence
     block_size: int | None = None       # paged: positions per block
     num_blocks: int | None = None       # paged: blocks in the pool
     sliding_window: int | None = None   # the model's attention window, if it has one
     sliding_layers: tuple[int, ...] | None = None  # the layers that use it (None: all)
     in_op: bool = False                 # the update runs inside compilekit::cached_attention (kv.layout ran)
+    # int8: per layer, the scales of the stored keys / values, flattened from [kv_heads, 1] or [kv_heads, head_dim]
+    k_scales: tuple[tuple[float, ...], ...] | None = None
+    v_scales: tuple[tuple[float, ...], ...] | None = None
 
     # ------------------------------------------------------------------------------------------ names
     @property
@@ -100,6 +107,9 @@ class KVLayout:
         values = {k: v for k, v in data.items() if k in fields}
         if values.get("sliding_layers") is not None:
             values["sliding_layers"] = tuple(values["sliding_layers"])
+        for key in ("k_scales", "v_scales"):
+            if values.get(key) is not None:
+                values[key] = tuple(tuple(float(x) for x in row) for row in values[key])
         return cls(**values)
 
     def window(self, layer: int) -> int:
@@ -130,15 +140,39 @@ class KVLayout:
                              f"has {self.num_blocks}")
         return torch.arange(batch * n, dtype=torch.int64).view(batch, n)
 
-    # --------------------------------------------------------------------------------- conversions
-    def from_canonical(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A canonical [B, H, S, D] float32 cache tensor in this layout's axes and dtype (not padded)."""
-        out = tensor if self.layout == "bhsd" else tensor.transpose(1, 2)
-        return out.to(self.torch_dtype).contiguous()
+    def scales(self, name: str) -> torch.Tensor | None:
+        """The int8 scales [kv_heads, 1 or head_dim] of cache tensor `name` (past or present); None for a
+        float cache."""
+        if self.dtype != "int8":
+            return None
+        parts = name.split(".")
+        table = self.k_scales if parts[-1] == "key" else self.v_scales
+        if table is None:
+            raise ValueError("an int8 KV layout needs k_scales and v_scales")
+        return torch.tensor(table[int(parts[-2])], dtype=torch.float32).view(self.kv_heads, -1)
 
-    def to_canonical(self, tensor: torch.Tensor) -> torch.Tensor:
+    # --------------------------------------------------------------------------------- conversions
+    def store(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Canonical [B, H, S, D] float values of cache tensor `name` in this layout's dtype (bhsd)."""
+        from .ops import store_cache
+
+        return store_cache(tensor, self.torch_dtype, self.scales(name))
+
+    def load(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Stored [B, H, S, D] values of cache tensor `name` back to float32."""
+        from .ops import load_cache
+
+        return load_cache(tensor, torch.float32, self.scales(name))
+
+    def from_canonical(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A canonical [B, H, S, D] float32 cache tensor in this layout's axes and dtype (not padded)."""
+        out = self.store(name, tensor)
+        out = out if self.layout == "bhsd" else out.transpose(1, 2)
+        return out.contiguous()
+
+    def to_canonical(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor if self.layout == "bhsd" else tensor.transpose(1, 2)
-        return out.to(torch.float32)
+        return self.load(name, out)
 
     def feeds(self, canonical: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Inputs for a program in this layout, from canonical inputs (concat, bhsd, float32)."""
@@ -154,7 +188,7 @@ class KVLayout:
                 pool = torch.zeros(self.pool_shape(), dtype=self.torch_dtype)
                 seq = torch.zeros(batch, self.kv_heads, self.blocks_per_sequence * self.block_size, self.head_dim,
                                   dtype=self.torch_dtype)
-                seq[:, :, :past_len] = canonical[name].to(self.torch_dtype)
+                seq[:, :, :past_len] = self.store(name, canonical[name])
                 blocks = seq.view(batch, self.kv_heads, self.blocks_per_sequence, self.block_size, self.head_dim)
                 pool[table] = blocks.permute(0, 2, 1, 3, 4)
                 out[name] = pool
@@ -162,7 +196,7 @@ class KVLayout:
             out[BLOCK_TABLE] = table[:, :self.blocks_in_use(past_len + steps)].contiguous()
             return out
         for name in self.past_names:
-            past = self.from_canonical(canonical[name])
+            past = self.from_canonical(name, canonical[name])
             if self.cache == "static":
                 if self.max_len is None or past_len + steps > self.max_len:
                     raise ValueError(f"{past_len} past + {steps} new positions exceed the static cache "
@@ -187,11 +221,11 @@ class KVLayout:
                 batch = canonical_inputs[INPUT_IDS].shape[0]
                 seq = tensor[self.block_table(batch)]  # [B, blocks, H, bs, D]
                 seq = seq.permute(0, 2, 1, 3, 4).reshape(batch, self.kv_heads, -1, self.head_dim)
-                out[name] = seq[:, :, :total].to(torch.float32)
+                out[name] = self.load(name, seq[:, :, :total])
                 continue
             if self.cache == "static":
                 tensor = tensor.narrow(self.seq_axis, 0, total)
-            out[name] = self.to_canonical(tensor)
+            out[name] = self.to_canonical(name, tensor)
         return out
 
 

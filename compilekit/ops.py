@@ -50,14 +50,21 @@ def compilekit_ops_in(graph: torch.fx.Graph) -> set[torch._ops.OpOverload]:
 
 
 _DECOMPOSITIONS: dict[str, dict[torch._ops.OpOverload, Callable]] = {flavor: {} for flavor in FLAVORS}
+_DECOMPOSE_WHEN: dict[str, dict[torch._ops.OpOverload, Callable[[torch.fx.Node], bool]]] = {f: {} for f in FLAVORS}
 
 
-def register_decomposition(flavor: str, op: torch._ops.OpOverload) -> Callable[[Callable], Callable]:
+def register_decomposition(flavor: str, op: torch._ops.OpOverload,
+                           when: Callable[[torch.fx.Node], bool] | None = None) -> Callable[[Callable], Callable]:
     """Lower `op` for `flavor` by rewriting it into ATen before ONNX export, when the exporter's own ATen
-    translation plus ONNX-level fusions already give the fastest form (see `attention` below)."""
+    translation plus ONNX-level fusions already give the fastest form (see `attention` below).
+
+    With `when`, only nodes it accepts are decomposed (the others keep the flavor's translation); the
+    decomposition must then return NotImplemented for the arguments of a node `when` refuses."""
 
     def decorator(fn: Callable) -> Callable:
         _DECOMPOSITIONS[flavor][op] = fn
+        if when is not None:
+            _DECOMPOSE_WHEN[flavor][op] = when
         return fn
 
     return decorator
@@ -65,6 +72,13 @@ def register_decomposition(flavor: str, op: torch._ops.OpOverload) -> Callable[[
 
 def decomposition_table(flavor: str) -> dict[torch._ops.OpOverload, Callable]:
     return dict(_DECOMPOSITIONS[flavor])
+
+
+def decompositions_for(flavor: str, graph: torch.fx.Graph) -> dict[torch._ops.OpOverload, Callable]:
+    """The decompositions `flavor` applies to `graph`: those of its ops with a node to decompose."""
+    table, when = _DECOMPOSITIONS[flavor], _DECOMPOSE_WHEN[flavor]
+    return {n.target: table[n.target] for n in graph.nodes
+            if n.target in table and (n.target not in when or when[n.target](n))}
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -164,7 +178,8 @@ register_translation("onnxruntime", torch.ops.aten.rms_norm.default)(_rms_norm_o
 
 # ----------------------------------------------------------------------------------- cached attention
 # compilekit::cached_attention(q, k, v, past_k, past_v, cache_position, cos, sin, scale, num_heads,
-#                              num_kv_heads, layout, cache, window, softcap) -> (out, present_k, present_v)
+#                              num_kv_heads, layout, cache, window, softcap, k_scale, v_scale)
+#                              -> (out, present_k, present_v)
 #   Attention of a decoder step over its KV cache, with the cache update inside the op, so a target can
 #   use its own cache kernel (ORT GroupQueryAttention) and, for `static`, update the buffer in place.
 #   q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] (this step's keys/values, float32, after rotary);
@@ -177,6 +192,8 @@ register_translation("onnxruntime", torch.ops.aten.rms_norm.default)(_rms_norm_o
 #   cos/sin: None, or the step's rotary tables [B, S, D] (as transformers computes them from position_ids);
 #   then q and k arrive *before* rotary and the op applies it (rotate-half form: x*cos + rotate_half(x)*sin),
 #   so a target can run rotary inside its attention kernel.
+#   int8 cache: k_scale / v_scale [Hkv, 1] (per KV head) or [Hkv, D] (per head and channel); a stored value
+#   is clamp(round(x / scale), -127, 127) and is read back as int8 * scale. Float caches take None.
 
 CACHE_LAYOUTS = ("bhsd", "bshd")
 CACHE_KINDS = ("concat", "static")
@@ -198,6 +215,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def store_cache(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """[B, H, S, D] keys or values as the cache stores them: a cast, or int8 with `scale` [H, 1] (per head)
+    or [H, D] (per head and channel)."""
+    if dtype != torch.int8:
+        return x.to(dtype)
+    return torch.clamp(torch.round(x / scale[None, :, None, :].to(x.dtype)), -127, 127).to(torch.int8)
+
+
+def load_cache(t: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """The inverse of store_cache, to the compute dtype ([B, H, S, D])."""
+    if t.dtype != torch.int8:
+        return t.to(dtype)
+    return t.to(dtype) * scale[None, :, None, :].to(dtype)
+
+
 def _position_mask(key_len: int, positions: torch.Tensor, window: int) -> torch.Tensor:
     """[S, key_len] bool: a token at position p attends keys at positions <= p (and > p - window)."""
     key_positions = torch.arange(key_len, device=positions.device)
@@ -207,15 +239,16 @@ def _position_mask(key_len: int, positions: torch.Tensor, window: int) -> torch.
     return mask
 
 
-def _cached_update(q, k, v, past_k, past_v, cache_position, cos, sin, layout: str, cache: str, window: int):
+def _cached_update(q, k, v, past_k, past_v, cache_position, cos, sin, layout: str, cache: str, window: int,
+                   k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
     """Everything of cached_attention but the attention itself: rotary, the cache update, and the keys, values
     and mask the attention reads. Shared by the reference and the standard lowering, which differ only in
     how they call attention."""
     if cos is not None:
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     seq_axis = 2 if layout == "bhsd" else 1
-    new_k = _cache_from_bhsd(k, layout).to(past_k.dtype)
-    new_v = _cache_from_bhsd(v, layout).to(past_v.dtype)
+    new_k = _cache_from_bhsd(store_cache(k, past_k.dtype, k_scale), layout)
+    new_v = _cache_from_bhsd(store_cache(v, past_v.dtype, v_scale), layout)
     if cache == "concat":
         present_k = torch.cat([past_k, new_k], dim=seq_axis)
         present_v = torch.cat([past_v, new_v], dim=seq_axis)
@@ -224,16 +257,17 @@ def _cached_update(q, k, v, past_k, past_v, cache_position, cos, sin, layout: st
         present_k = past_k.index_copy(seq_axis, cache_position, new_k)
         present_v = past_v.index_copy(seq_axis, cache_position, new_v)
         positions = cache_position
-    keys = _cache_to_bhsd(present_k, layout).to(q.dtype)
-    values = _cache_to_bhsd(present_v, layout).to(q.dtype)
+    keys = load_cache(_cache_to_bhsd(present_k, layout), q.dtype, k_scale)
+    values = load_cache(_cache_to_bhsd(present_v, layout), q.dtype, v_scale)
     return q, keys, values, _position_mask(keys.shape[2], positions, window), present_k, present_v
 
 
 def cached_attention_reference(q, k, v, past_k, past_v, cache_position, cos, sin, scale: float, num_heads: int,
-                               num_kv_heads: int, layout: str, cache: str, window: int, softcap: float):
+                               num_kv_heads: int, layout: str, cache: str, window: int, softcap: float,
+                               k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
     """The semantics of compilekit::cached_attention in eager PyTorch."""
     q, keys, values, mask, present_k, present_v = _cached_update(q, k, v, past_k, past_v, cache_position, cos, sin,
-                                                                 layout, cache, window)
+                                                                 layout, cache, window, k_scale, v_scale)
     out = attention_reference(q, keys, values, mask, scale, False, num_heads, num_kv_heads, softcap)
     return out, present_k, present_v
 
@@ -242,15 +276,16 @@ def cached_attention_reference(q, k, v, past_k, past_v, cache_position, cos, sin
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                      cache_position: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
                      scale: float, num_heads: int, num_kv_heads: int,
-                     layout: str, cache: str, window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     layout: str, cache: str, window: int, softcap: float, k_scale: torch.Tensor | None,
+                     v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, pk, pv = cached_attention_reference(q, k, v, past_k, past_v, cache_position, cos, sin, scale, num_heads,
-                                             num_kv_heads, layout, cache, window, softcap)
+                                             num_kv_heads, layout, cache, window, softcap, k_scale, v_scale)
     return out.contiguous(), pk.contiguous(), pv.contiguous()
 
 
 @cached_attention.register_fake
 def _cached_attention_fake(q, k, v, past_k, past_v, cache_position, cos, sin, scale, num_heads, num_kv_heads, layout,
-                           cache, window, softcap):
+                           cache, window, softcap, k_scale, v_scale):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if cache == "static":
         return out, past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)
@@ -260,18 +295,34 @@ def _cached_attention_fake(q, k, v, past_k, past_v, cache_position, cos, sin, sc
 
 
 def _cached_attention_as_standard(q, k, v, past_k, past_v, cache_position, cos, sin, scale, num_heads, num_kv_heads,
-                                  layout, cache, window, softcap):
+                                  layout, cache, window, softcap, k_scale, v_scale):
     """Standard form: the cache update in ATen (Concat / ScatterND after export) and compilekit::attention with
     an explicit position mask, which each flavor translates. Used by the tensorrt flavor, whose parser takes
-    no contrib ops and whose `Attention` has no past inputs."""
+    no contrib ops and whose `Attention` has no past inputs, and by onnxruntime for an int8 cache, which its
+    CPU GroupQueryAttention does not take."""
     q, keys, values, mask, present_k, present_v = _cached_update(q, k, v, past_k, past_v, cache_position, cos, sin,
-                                                                 layout, cache, window)
+                                                                 layout, cache, window, k_scale, v_scale)
     out = torch.ops.compilekit.attention(q, keys, values, mask[None, None], scale, False, num_heads, num_kv_heads,
                                          softcap)
     return out, present_k, present_v
 
 
 register_decomposition("tensorrt", torch.ops.compilekit.cached_attention.default)(_cached_attention_as_standard)
+
+
+def _int8_cache(node: torch.fx.Node) -> bool:
+    past = node.args[3].meta.get("val") if isinstance(node.args[3], torch.fx.Node) else None
+    return past is not None and past.dtype == torch.int8
+
+
+def _int8_cached_attention_as_standard(q, k, v, past_k, past_v, *rest):
+    if past_k.dtype != torch.int8:
+        return NotImplemented  # a float cache keeps the GroupQueryAttention translation
+    return _cached_attention_as_standard(q, k, v, past_k, past_v, *rest)
+
+
+register_decomposition("onnxruntime", torch.ops.compilekit.cached_attention.default,
+                       when=_int8_cache)(_int8_cached_attention_as_standard)
 
 
 def register_contrib_schema(name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str, bool]],
@@ -315,7 +366,8 @@ def _register_gqa_schema() -> None:
 
 
 def _cached_attention_gqa(q, k, v, past_k, past_v, cache_position, cos, sin, scale: float, num_heads: int,
-                          num_kv_heads: int, layout: str, cache: str, window: int, softcap: float):
+                          num_kv_heads: int, layout: str, cache: str, window: int, softcap: float,
+                          k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
     """onnxruntime flavor: com.microsoft.GroupQueryAttention, which appends (concat) or writes in place
     (static: past and present bound to one buffer) and attends causally up to `seqlens_k`. Its cache is
     BNSH in the compute dtype, so a bshd or float16 cache is transposed / cast around it: the buffer is
@@ -385,20 +437,22 @@ register_translation("onnxruntime", torch.ops.compilekit.cached_attention.defaul
 
 # ------------------------------------------------------------------------------------ paged attention
 # compilekit::paged_attention(q, k, v, pool_k, pool_v, block_table, cache_position, cos, sin, scale,
-#                             num_heads, num_kv_heads, block_size, window, softcap) -> (out, pool_k, pool_v)
+#                             num_heads, num_kv_heads, block_size, window, softcap, k_scale, v_scale)
+#                             -> (out, pool_k, pool_v)
 #   The cache is a pool of fixed-size blocks shared by all sequences: pool_k/pool_v [num_blocks, Hkv,
 #   block_size, D]. block_table [B, max_blocks] (int64) lists each sequence's blocks in order, so position p
 #   of sequence b lives in block block_table[b, p // block_size] at row p % block_size. The step's keys and
 #   values are written at `cache_position` ([S], shared by the batch); the returned pools share the input
-#   pools' buffers at run time. Attention and rotary are as in cached_attention.
+#   pools' buffers at run time. Attention, rotary and the int8 scales are as in cached_attention.
 
 
-def _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position, block_size: int):
+def _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position, block_size: int,
+                             k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
     b, _, s, _ = k.shape
     blocks = block_table[:, torch.div(cache_position, block_size, rounding_mode="floor")]  # [B, S]
     rows = torch.remainder(cache_position, block_size).expand(b, s)                         # [B, S]
-    new_k = k.transpose(1, 2).to(pool_k.dtype)                                              # [B, S, Hkv, D]
-    new_v = v.transpose(1, 2).to(pool_v.dtype)
+    new_k = store_cache(k, pool_k.dtype, k_scale).transpose(1, 2)                         # [B, S, Hkv, D]
+    new_v = store_cache(v, pool_v.dtype, v_scale).transpose(1, 2)
     # Index every leading dim of the pool (block, head, row) rather than transposing it: the pool is
     # the whole cache, and a transpose around the update would copy all of it on every step.
     heads = torch.arange(pool_k.shape[1], device=k.device)[None, None, :]                   # [1, 1, Hkv]
@@ -419,15 +473,16 @@ def _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position, 
 
 
 def paged_attention_reference(q, k, v, pool_k, pool_v, block_table, cache_position, cos, sin, scale: float,
-                              num_heads: int, num_kv_heads: int, block_size: int, window: int, softcap: float):
+                              num_heads: int, num_kv_heads: int, block_size: int, window: int, softcap: float,
+                              k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
     """The semantics of compilekit::paged_attention in eager PyTorch (also its standard lowering)."""
     if cos is not None:
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     present_k, present_v, keys, values = _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position,
-                                                                  block_size)
+                                                                  block_size, k_scale, v_scale)
     mask = _position_mask(keys.shape[2], cache_position, window)
-    out = attention_reference(q, keys.to(q.dtype), values.to(q.dtype), mask, scale, False, num_heads, num_kv_heads,
-                              softcap)
+    out = attention_reference(q, load_cache(keys, q.dtype, k_scale), load_cache(values, q.dtype, v_scale), mask,
+                              scale, False, num_heads, num_kv_heads, softcap)
     return out, present_k, present_v
 
 
@@ -435,30 +490,31 @@ def paged_attention_reference(q, k, v, pool_k, pool_v, block_table, cache_positi
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
                     block_table: torch.Tensor, cache_position: torch.Tensor, cos: torch.Tensor | None,
                     sin: torch.Tensor | None, scale: float, num_heads: int, num_kv_heads: int, block_size: int,
-                    window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    window: int, softcap: float, k_scale: torch.Tensor | None,
+                    v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, pk, pv = paged_attention_reference(q, k, v, pool_k, pool_v, block_table, cache_position, cos, sin, scale,
-                                            num_heads, num_kv_heads, block_size, window, softcap)
+                                            num_heads, num_kv_heads, block_size, window, softcap, k_scale, v_scale)
     return out.contiguous(), pk.contiguous(), pv.contiguous()
 
 
 @paged_attention.register_fake
 def _paged_attention_fake(q, k, v, pool_k, pool_v, block_table, cache_position, cos, sin, scale, num_heads,
-                          num_kv_heads, block_size, window, softcap):
+                          num_kv_heads, block_size, window, softcap, k_scale, v_scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1])), pool_k.new_empty(pool_k.shape), pool_v.new_empty(pool_v.shape)
 
 
 def _paged_attention_standard(q, k, v, pool_k, pool_v, block_table, cache_position, cos, sin, scale, num_heads,
-                              num_kv_heads, block_size, window, softcap):
+                              num_kv_heads, block_size, window, softcap, k_scale, v_scale):
     """Both flavors: the block update and gather in ATen (ScatterND / Gather after export) and
     compilekit::attention with a position mask. Neither ORT's CPU kernels nor TensorRT's parser have a
     paged attention op, so this is the form both run."""
     if cos is not None:
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     present_k, present_v, keys, values = _paged_update_and_gather(k, v, pool_k, pool_v, block_table, cache_position,
-                                                                  block_size)
+                                                                  block_size, k_scale, v_scale)
     mask = _position_mask(keys.shape[2], cache_position, window)
-    out = torch.ops.compilekit.attention(q, keys.to(q.dtype), values.to(q.dtype), mask[None, None], scale, False,
-                                         num_heads, num_kv_heads, softcap)
+    out = torch.ops.compilekit.attention(q, load_cache(keys, q.dtype, k_scale), load_cache(values, q.dtype, v_scale),
+                                         mask[None, None], scale, False, num_heads, num_kv_heads, softcap)
     return out, present_k, present_v
 
 

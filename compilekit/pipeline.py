@@ -278,9 +278,11 @@ class PassManager:
         self.checker = checker
         self.dump_dir = dump_dir
         self.on_pass = on_pass
+        self.op_origins: dict[str, str] = {}  # FX op name -> the pass that first put it in the graph
 
     def run(self, program: Program, *, stop_after: str | None = None) -> tuple[Program, list[LedgerEntry]]:
         ledger: list[LedgerEntry] = []
+        self.op_origins = {op: "export" for op in op_histogram(program.graph)}
         self._dump(0, "export", program)
         ran: list[str] = []
         for index, p in enumerate(self.passes, start=1):
@@ -303,6 +305,8 @@ class PassManager:
                 nodes=sum(1 for _ in result.program.graph.nodes), summary=result.summary,
                 stats=result.stats, metrics=metrics))
             program = result.program
+            for op in op_histogram(program.graph):
+                self.op_origins.setdefault(op, p.name)
             ran.append(p.name)
             self._dump(index, p.name, program)
             if stop_after is not None and p.name == stop_after:

@@ -197,6 +197,82 @@ def _nbits_linear_ort(x, packed, scales, offsets, bias, in_features: int, group_
 register_translation("onnxruntime", torch.ops.compilekit.nbits_linear.default)(_nbits_linear_ort)
 
 
+def _nbits_linear_trt(x, packed, scales, offsets, bias, in_features: int, group_size: int, bits: int, compute: str):
+    """tensorrt: INT4 blockwise DequantizeLinear (zero point 0) + MatMul. A translation function cannot turn
+    the packed bytes into an INT4 initializer, so it emits MatMulNBits, and `nbits_to_dequantize` rewrites
+    each one after export. Asymmetric offsets stay the small standard MatMul of group sums."""
+    from .errors import LoweringError
+
+    if bits != 4:
+        raise LoweringError(f"{bits}-bit groups have no TensorRT form: its blockwise DequantizeLinear is INT4 / FP4 "
+                            "only", hint="keep lm_head and embeddings float for tensorrt (lm_head: false, "
+                            "embeddings: false)")
+    if compute != "float":
+        raise LoweringError("int4 with `compute: int8` (int8 activations per group, ORT's accuracy_level 4) has no "
+                            "TensorRT form: TensorRT dequantizes INT4 weights and multiplies in float",
+                            hint="set quantize.int4_weight_only's compute: float for tensorrt")
+    return _nbits_linear_ort(x, packed, scales, offsets, bias, in_features, group_size, bits, compute)
+
+
+register_translation("tensorrt", torch.ops.compilekit.nbits_linear.default)(_nbits_linear_trt)
+
+
+def nbits_to_dequantize(model, opset: int) -> int:
+    """Rewrite every com.microsoft MatMulNBits (4-bit, constant weights) in an onnx_ir model into
+    DequantizeLinear(INT4 [K, N], scale [K/g, N], axis 0, block_size g) + MatMul (+ Add bias): the standard
+    form TensorRT's parser takes. Returns the count."""
+    import ml_dtypes
+    import numpy as np
+    import onnx_ir as ir
+
+    from .errors import LoweringError
+
+    graph = model.graph
+    count = 0
+    for node in list(graph):
+        if node.domain != "com.microsoft" or node.op_type != "MatMulNBits":
+            continue
+        if opset < 21:
+            raise LoweringError(f"INT4 blockwise DequantizeLinear needs opset 21; the target lowers at {opset}",
+                                hint="raise target.options.opset (23 for tensorrt)")
+        attrs = {k: v.value for k, v in node.attributes.items()}
+        k, n, g = int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"])
+        packed, scales = (node.inputs[i].const_value if node.inputs[i] is not None else None for i in (1, 2))
+        if packed is None or scales is None or int(attrs.get("bits", 4)) != 4:
+            raise LoweringError(f"MatMulNBits {node.name}: only constant 4-bit weights have a TensorRT form")
+        q = quant.unpack_nibbles(torch.from_numpy(packed.numpy().copy())).reshape(n, -1)[:, :k].numpy()
+        w = (q.astype(np.int8) - 8).T.copy().astype(ml_dtypes.int4)               # [K, N], -8..7
+        scale = scales.numpy().reshape(n, -(-k // g)).T.copy()                      # [ceil(K/g), N]
+        w_value = ir.Value(name=f"{node.name}_int4_weight", const_value=ir.tensor(w, name=f"{node.name}_int4_weight"))
+        s_value = ir.Value(name=f"{node.name}_int4_scale", const_value=ir.tensor(scale, name=f"{node.name}_int4_scale"))
+        for v in (w_value, s_value):
+            v.shape, v.type = v.const_value.shape, ir.TensorType(v.const_value.dtype)
+            graph.register_initializer(v)
+        dq = ir.Node("", "DequantizeLinear", [w_value, s_value],
+                     attributes=[ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", g)], name=f"{node.name}_dq")
+        matmul = ir.Node("", "MatMul", [node.inputs[0], dq.outputs[0]], name=f"{node.name}_matmul")
+        new_nodes, result = [dq, matmul], matmul.outputs[0]
+        if len(node.inputs) > 5 and node.inputs[5] is not None:
+            add = ir.Node("", "Add", [result, node.inputs[5]], name=f"{node.name}_bias")
+            new_nodes.append(add)
+            result = add.outputs[0]
+        for new in new_nodes:
+            new.metadata_props.update(node.metadata_props)
+        graph.insert_before(node, new_nodes)
+        old = node.outputs[0]
+        result.shape, result.type, result.name = old.shape, old.type, old.name
+        old.replace_all_uses_with(result)
+        if old.is_graph_output():
+            graph.outputs[graph.outputs.index(old)] = result
+        unread = node.inputs[1:3]  # the packed bytes and their scales (remove() detaches the inputs)
+        graph.remove(node, safe=True)
+        for value in unread:
+            if value is not None and not value.uses() and value.name in graph.initializers:
+                graph.initializers.pop(value.name)
+        count += 1
+    return count
+
+
 # ------------------------------------------------------------------------------------------- fp8 linear
 # compilekit::fp8_linear(x, weight, weight_scale, bias, input_scale) -> y
 #   weight: float8_e4m3fn [K, N] with one float32 scale; x quantized to E4M3 per tensor with input_scale.

@@ -68,6 +68,28 @@ def render(manifest: dict[str, Any], *, artifact_path: str | None = None) -> Gro
                 table.add_row(name, metric, value, "", "")
     parts.append(table)
 
+    llm = manifest.get("llm")
+    if llm and llm.get("gates"):
+        lt = Table(title="generation and perplexity (text-generation checks)", title_justify="left", show_edge=False)
+        for col in ("check", "value", "gate", "result"):
+            lt.add_column(col)
+        detail = {}
+        if "generation" in llm:
+            g = llm["generation"]
+            detail["greedy_exact_fraction"] = (f"{g['exact']}/{g['prompts']} prompts exact; mean matching prefix "
+                                               f"{g['prefix_agreement_mean']:.2f}; {g['decode_tokens_per_s_median']} tok/s")
+        if "perplexity" in llm:
+            p = llm["perplexity"]
+            detail["perplexity_rel_delta"] = (f"ppl {p['compiled']} vs eager {p['eager']} ({p['rel_delta']:+.2%}; "
+                                              f"{p['windows']} x {p['length']} tokens)")
+        for g in llm["gates"]:
+            ok = Text("pass", style="green") if g["passed"] else Text("FAIL", style="bold red")
+            lt.add_row(g["metric"], detail.get(g["metric"], str(g["value"])), f"{g['op']} {g['bound']}", ok)
+        parts.append(lt)
+        sample = llm.get("generation", {}).get("sample")
+        if sample:
+            parts.append(Text(f"sample: {sample['prompt']!r} -> {sample['output']!r}"))
+
     lat = manifest["latency"]
     if lat.get("enabled"):
         shape = " x ".join(f"{k} {v}" for k, v in lat["shape"].items())
@@ -88,7 +110,7 @@ def render(manifest: dict[str, Any], *, artifact_path: str | None = None) -> Gro
             parts.append(Text(f"latency budget {g['metric']} {g['op']} {g['bound']}: {g['value']} "
                               f"{'pass' if g['passed'] else 'FAIL'}", style=style))
     else:
-        parts.append(Text("latency: not measured (verify.latency.enabled is false)"))
+        parts.append(Text(f"latency: not measured ({lat.get('reason') or 'verify.latency.enabled is false'})"))
 
     if manifest["status"] == "passed":
         parts.append(Text(f"artifact {manifest['name']}:{manifest['version']}  {manifest['id']}", style="bold green"))

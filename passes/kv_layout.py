@@ -11,6 +11,12 @@ update, so a target can run its own cache kernel (ORT GroupQueryAttention) and, 
 buffer in place. The program's cache inputs and outputs change to the new layout, a `cache_position` input
 is added for `static`, and `Program.kv_layout` (recorded in the manifest) says how to feed it.
 
+An int8 cache stores clamp(round(x / scale), -127, 127) with fixed scales per layer, K/V and KV head (or
+head and channel: keys have outlier channels, so one scale per head wastes most codes on the others), from
+the calibration data: the largest value seen for values, and for keys the largest norm of a rotary pair
+(x_i, x_i+D/2), which rotation leaves unchanged, so keys at positions calibration never reached still fit.
+The scales become buffers the op reads, and go into the layout (so a runtime can read the cache).
+
 A layer is left alone, with the reason, when its attention is not fused (run `fuse.attention` first), its
 mask is not the plain causal mask (the op rebuilds that mask from positions), or the cache feeds anything
 else. The pass changes nothing unless every layer matches: a program with two cache layouts could not be fed.
@@ -26,7 +32,7 @@ from pydantic import Field
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
 import compilekit.ops  # noqa: F401  (declares torch.ops.compilekit.cached_attention)
-from compilekit.ir import Program, TensorSpec
+from compilekit.ir import Program, TensorSpec, WeightEdit
 from compilekit.kvcache import BLOCK_TABLE, CACHE_POSITION, INPUT_IDS, KVLayout, past_name
 from compilekit.passes.fuse_attention import mask_kind
 from compilekit.pipeline import NoMatch, Pass, PassOptions, PassResult, register_pass
@@ -133,7 +139,12 @@ class KVLayoutPass(Pass):
             "`max_len` positions written at `cache_position`; present shares the past buffer. paged: a pool of "
             "`num_blocks` blocks of `block_size` positions with a `block_table` input (bhsd only; lowered to "
             "standard ops on both targets).")
-        dtype: Literal["float32", "float16"] = Field("float32", description="Element type of the stored cache.")
+        dtype: Literal["float32", "float16", "int8"] = Field(
+            "float32", description="Element type of the stored cache. int8: fixed scales from the recipe's "
+            "calibration data (4x less cache memory than float32).")
+        int8_scales: Literal["head", "channel"] = Field(
+            "channel", description="int8 keys: one scale per KV head, or per KV head and channel (rotary pairs "
+            "share one; keys have outlier channels). Values always take one scale per KV head.")
         max_len: int | None = Field(None, ge=2, description="static/paged: positions per sequence (default: the `past` "
                                     "dim's max).")
         block_size: int = Field(16, ge=1, description="paged: positions per block.")
@@ -183,6 +194,7 @@ class KVLayoutPass(Pass):
                 pk, pv = by_input[past_name(i, "key")], by_input[past_name(i, "value")]
                 k_cat, k_new = _concat_update(pk)
                 v_cat, v_new = _concat_update(pv)
+                k_stored = k_new  # the keys as the cache holds them (after rotary)
                 attn = _attention_of(k_cat, v_cat)
                 q, _k, _v, mask, scale, is_causal, hq, hkv, softcap = attn.args
                 kind = mask_kind(mask, graph, user_inputs)
@@ -201,6 +213,7 @@ class KVLayoutPass(Pass):
                         cos = sin = None
                         rotary_kept.append(f"layer {i}: {why}")
                 layers.append({"layer": i, "pk": pk, "pv": pv, "k_cat": k_cat, "v_cat": v_cat, "k_new": k_new,
+                               "k_stored": k_stored,
                                "v_new": v_new, "attn": attn, "q": q, "scale": scale, "hq": hq, "hkv": hkv,
                                "softcap": softcap, "cos": cos, "sin": sin})
             except NoMatch as why:
@@ -209,6 +222,17 @@ class KVLayoutPass(Pass):
             reasons = "; ".join(f"layer {m['layer']}: {m['reason']}" for m in misses[:3])
             return PassResult(program, False, {"rewritten": 0, "misses": misses},
                               f"nothing done: {len(misses)} of {current.layers} layers do not match ({reasons})")
+
+        scale_stats: dict[str, Any] = {}
+        weights = None
+        if o.dtype == "int8":
+            k_scales, v_scales, scale_stats = self._int8_scales(program, layers)
+            weights = WeightEdit(program, gm)
+            for layer, k_row, v_row in zip(layers, k_scales, v_scales):
+                for kind, row in (("k", k_row), ("v", v_row)):
+                    layer[f"{kind}_scale"] = weights.add(f"kv_cache_{layer['layer']}_{kind}_scale",
+                                                         torch.tensor(row).view(int(layer["hkv"]), -1))
+            wanted = wanted.with_changes(k_scales=k_scales, v_scales=v_scales)
 
         fake_mode = torch._guards.detect_fake_mode([_val(by_input[INPUT_IDS])])
         seq_size = _val(by_input[INPUT_IDS]).shape[1]
@@ -261,7 +285,7 @@ class KVLayoutPass(Pass):
                     ph.meta["val"] = torch.empty(shape, dtype=wanted.torch_dtype)
             attn = layer["attn"]
             common = (layer["cos"], layer["sin"], float(layer["scale"]), int(layer["hq"]), int(layer["hkv"]))
-            tail = (current.window(layer["layer"]), float(layer["softcap"]))
+            tail = (current.window(layer["layer"]), float(layer["softcap"]), layer.get("k_scale"), layer.get("v_scale"))
             head = (layer["q"], layer["k_new"], layer["v_new"], layer["pk"], layer["pv"])
             if o.cache == "paged":
                 target, args = PAGED_ATTENTION, (*head, block_table, cache_position, *common, o.block_size, *tail)
@@ -306,11 +330,12 @@ class KVLayoutPass(Pass):
             inputs.append(TensorSpec(BLOCK_TABLE, "int64", (batch_dim, "blocks")))
         outputs = [TensorSpec(s_.name, wanted.dtype, cache_shape(s_)) if s_.name in current.present_names else s_
                    for s_ in program.outputs]
-        new = program.with_graph(gm, graph_signature=new_signature, inputs=tuple(inputs), outputs=tuple(outputs),
-                                 kv_layout=wanted.to_dict())
+        new = program.with_graph(gm, graph_signature=new_signature, weights=weights, inputs=tuple(inputs),
+                                 outputs=tuple(outputs), kv_layout=wanted.to_dict())
         absorbed = sum(1 for layer in layers if layer["cos"] is not None)
-        stats = {"rewritten": len(layers), "layout": wanted.to_dict(), "misses": [], "rotary_in_op": absorbed,
-                 "rotary_kept": rotary_kept,
+        stats = {"rewritten": len(layers), "misses": [], "rotary_in_op": absorbed,
+                 "layout": {k: v for k, v in wanted.to_dict().items() if k not in ("k_scales", "v_scales")},
+                 "rotary_kept": rotary_kept, **scale_stats,
                  "cache_bytes_per_token": wanted.cache_bytes(1, 1) if o.cache == "concat" else None}
         summary = (f"{len(layers)} layers -> {'paged' if o.cache == 'paged' else 'cached'}_attention; cache {o.cache}, "
                    f"{o.layout}, {o.dtype}"
@@ -318,5 +343,58 @@ class KVLayoutPass(Pass):
                    + (f", {wanted.num_blocks} blocks of {o.block_size}" if o.cache == "paged" else "")
                    + (f"; rotary inside the op in {absorbed} layers" if absorbed else "")
                    + (f"; rotary kept outside in {len(rotary_kept)} ({rotary_kept[0]})" if rotary_kept else ""))
+        if scale_stats:
+            summary += (f"; int8 scales per {'head and channel' if o.int8_scales == 'channel' else 'head'} from "
+                        f"{scale_stats['int8_calibration_tokens']} calibration tokens "
+                        f"(keys {_span(scale_stats['int8_k_scale_range'])}, values "
+                        f"{_span(scale_stats['int8_v_scale_range'])})")
         return PassResult(new, True, stats, summary)
+
+    def _int8_scales(self, program: Program, layers: list[dict[str, Any]]) -> tuple[tuple, tuple, dict[str, Any]]:
+        """Per-head int8 scales of every layer's keys and values, from the calibration batches."""
+        from compilekit.calibrate import watch_outputs
+
+        batches = self.context.calibration_batches(program, self.name)
+        bounds: dict[str, torch.Tensor] = {}
+
+        per_channel = self.options.int8_scales == "channel"
+
+        def watcher(name: str, *, keys: bool, rotary: bool):
+            def update(x: torch.Tensor) -> None:  # x: [B, Hkv, S, D] -> peak [Hkv, D or 1]
+                x = x.detach().float().abs()
+                if rotary:  # the norm of each rotary pair (x_i, x_i+D/2): what any rotation can reach
+                    half = x.shape[-1] // 2
+                    norm = torch.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2)
+                    x = torch.cat([norm, norm], dim=-1)
+                peak = x.amax(dim=(0, 2)) if keys and per_channel else x.amax(dim=(0, 2, 3))[:, None]
+                bounds[name] = peak if name not in bounds else torch.maximum(bounds[name], peak)
+            return update
+
+        watchers = {}
+        for layer in layers:
+            try:
+                match_rotary(layer["k_stored"])
+                rotary = True
+            except NoMatch:
+                rotary = False
+            watchers[layer["k_stored"].name] = watcher(layer["k_stored"].name, keys=True, rotary=rotary)
+            watchers[layer["v_new"].name] = watcher(layer["v_new"].name, keys=False, rotary=False)
+        watch_outputs(program, batches, watchers)
+
+        def scales(node: torch.fx.Node) -> tuple[float, ...]:
+            # A head that calibration never saw above zero still needs a usable (tiny) scale.
+            return tuple(max(float(b), 1e-6) / 127 for b in bounds[node.name].flatten())
+
+        k_scales = tuple(scales(layer["k_stored"]) for layer in layers)
+        v_scales = tuple(scales(layer["v_new"]) for layer in layers)
+        tokens = sum(int(b[INPUT_IDS].numel()) for b in batches)
+        flat = lambda t: [x for row in t for x in row]  # noqa: E731
+        stats = {"int8_calibration_tokens": tokens,
+                 "int8_k_scale_range": [min(flat(k_scales)), max(flat(k_scales))],
+                 "int8_v_scale_range": [min(flat(v_scales)), max(flat(v_scales))]}
+        return k_scales, v_scales, stats
+
+
+def _span(pair: list[float]) -> str:
+    return f"{pair[0]:.3g}..{pair[1]:.3g}"
 

@@ -14,7 +14,7 @@ from compilekit.errors import RecipeError
 from compilekit.export import DecoderAdapter, export_program, probe_kv_layout
 from compilekit.generation import Generator, ProgramDecoder
 from compilekit.kvcache import KVLayout
-from compilekit.pipeline import get_pass
+from compilekit.pipeline import PassContext, get_pass
 from compilekit.recipe import load_recipe
 from compilekit.targets.onnxruntime import OnnxRuntimeTarget
 from compilekit.verify.llm import greedy_match, hf_greedy
@@ -29,7 +29,12 @@ COMBOS = [
     {"layout": "bhsd", "cache": "concat", "dtype": "float16"},
     {"layout": "bhsd", "cache": "paged", "block_size": 8},
     {"layout": "bhsd", "cache": "paged", "block_size": 5, "dtype": "float16"},
+    {"layout": "bhsd", "cache": "static", "dtype": "int8"},
+    {"layout": "bshd", "cache": "concat", "dtype": "int8"},
+    {"layout": "bhsd", "cache": "paged", "block_size": 8, "dtype": "int8"},
+    {"layout": "bhsd", "cache": "static", "dtype": "int8", "int8_scales": "head"},
 ]
+INT8 = [c for c in COMBOS if c.get("dtype") == "int8"]
 
 
 def _ids(options):
@@ -66,6 +71,22 @@ def decoder():
     return model, adapter, program
 
 
+def _calibration(adapter):
+    """Prefill batches of random tokens (an int8 cache takes its scales from them)."""
+    gen = torch.Generator().manual_seed(123)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(0, 256, (2, 24), generator=gen)
+        feed = {"input_ids": ids, "position_ids": torch.arange(24).expand(2, 24)}
+        feed.update({name: torch.zeros(2, adapter.kv.kv_heads, 0, adapter.kv.head_dim) for name in adapter.kv.past_names})
+        batches.append(feed)
+    return PassContext(calibration=lambda program: batches)
+
+
+def _kv_layout(adapter, options):
+    return get_pass("kv.layout")(options, context=_calibration(adapter))
+
+
 def _step(adapter, batch: int, steps: int, past: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     kv = adapter.kv
@@ -89,7 +110,7 @@ def test_export_has_explicit_cache(decoder):
     assert ops.get("aten.detach_", 0) == 0 and ops["compilekit.attention"] == 2
 
 
-@pytest.mark.parametrize("options", COMBOS, ids=_ids)
+@pytest.mark.parametrize("options", [c for c in COMBOS if c not in INT8], ids=_ids)
 def test_kv_layout_structure_and_numbers(decoder, options):
     _model, adapter, program = decoder
     result = get_pass("kv.layout")(options)(program)
@@ -159,11 +180,13 @@ def test_kv_layout_needs_fused_attention():
 @pytest.mark.parametrize("options", COMBOS, ids=_ids)
 def test_every_layout_generates_like_hf(decoder, options, tmp_path):
     """Greedy tokens of the lowered model (ORT GroupQueryAttention, IO binding) equal HF eager generate."""
-    model, _adapter, program = decoder
-    new = get_pass("kv.layout")(options)(program).program
+    model, adapter, program = decoder
+    new = _kv_layout(adapter, options)(program).program
     target = OnnxRuntimeTarget({})
     build = target.lower(new, tmp_path)
-    if options["cache"] == "paged":  # no paged kernel on ORT CPU: standard scatter / gather / softmax
+    if options.get("dtype") == "int8":  # ORT's CPU GroupQueryAttention has no int8 cache: the standard form
+        assert "com.microsoft::GroupQueryAttention" not in build.info["nodes"] and build.info["nodes"]["Round"] == 4
+    elif options["cache"] == "paged":  # no paged kernel on ORT CPU: standard scatter / gather / softmax
         assert build.info["nodes"].get("ScatterND") == 4 and "com.microsoft::GroupQueryAttention" not in build.info["nodes"]
     else:
         assert build.info["nodes"].get("com.microsoft::GroupQueryAttention") == 2, build.info
@@ -318,7 +341,7 @@ def test_mixed_sliding_window_layers_get_their_own_window(tmp_path):
     layout = KVLayout.from_dict(program.kv_layout)
     assert layout.sliding_window == 3 and layout.sliding_layers == (1,)
     new = get_pass("kv.layout")({"cache": "static"})(program).program
-    windows = [n.args[-2] for n in new.graph.nodes if n.target is torch.ops.compilekit.cached_attention.default]
+    windows = [n.args[13] for n in new.graph.nodes if n.target is torch.ops.compilekit.cached_attention.default]
     assert windows == [0, 3]
     target = OnnxRuntimeTarget({})
     target.lower(new, tmp_path)
@@ -347,3 +370,55 @@ def test_int4_decoder_packs_siblings_and_generates_like_its_program(decoder, sym
     for p in prompts:
         want = torch_gen.generate(torch.tensor([p]), max_new_tokens=10).tokens
         assert torch.equal(ort_gen.generate(torch.tensor([p]), max_new_tokens=10).tokens, want)
+
+
+@pytest.mark.parametrize("options", INT8, ids=_ids)
+def test_int8_cache_structure_and_numbers(decoder, options):
+    """int8 cache: int8 cache tensors with one calibrated scale per layer, K/V and KV head; each stored value
+    is within one quantization step of the float keys/values, and the logits stay close on a prefill and
+    on a decode step over that (real, quantized) past."""
+    _model, adapter, program = decoder
+    result = _kv_layout(adapter, options)(program)
+    assert result.modified and result.stats["int8_calibration_tokens"] == 4 * 2 * 24
+    new = result.program
+    layout = KVLayout.from_dict(new.kv_layout)
+    per_head = options.get("int8_scales") == "head"
+    assert layout.dtype == "int8" and len(layout.k_scales) == len(layout.v_scales) == 2
+    # Keys: 2 KV heads (x 16 channels), all positive; a rotary pair's two channels share a scale.
+    assert all(len(row) == (2 if per_head else 32) and min(row) > 0 for row in layout.k_scales)
+    assert all(len(row) == 2 and min(row) > 0 for row in layout.v_scales)  # values: per head
+    if not per_head:
+        keys = layout.scales("present.0.key")
+        assert keys.shape == (2, 16) and torch.equal(keys[:, :8], keys[:, 8:])
+    scale_buffers = [n for n in new.ep.state_dict if "kv_cache_" in n]
+    assert len(scale_buffers) == 4  # one per layer and K/V, read by the op
+    assert {t.dtype for t in new.inputs if t.name.startswith("past_key_values")} == {"int8"}
+    assert {t.dtype for t in new.outputs if t.name.startswith("present")} == {"int8"}
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 256, (2, 6), generator=gen)
+    feed = {"input_ids": prompt, "position_ids": torch.arange(6).expand(2, 6)}
+    feed.update({n: torch.zeros(2, 2, 0, 16) for n in layout.past_names})
+    want = adapter.named(feed)
+    got = layout.canonical_outputs(new.run(layout.feeds(feed)), feed)
+    for name in layout.present_names[:2]:  # layer 0 reads float inputs: its cache error is rounding alone
+        step = layout.scales(name)[None, :, None, :]
+        assert ((got[name] - want[name]).abs() <= step * 0.5 + 1e-5).all(), name  # and nothing clipped
+    for name in layout.present_names:  # later layers also carry the error of the layers before
+        assert (got[name] - want[name]).norm() <= 0.02 * want[name].norm(), name
+    cos = torch.nn.functional.cosine_similarity(got["logits"].flatten(1), want["logits"].flatten(1))
+    assert cos.min() > 0.999, cos
+    # Decode over the float reference's past: the feed quantizes it, as a runtime would hold it.
+    step_feed = {"input_ids": torch.randint(0, 256, (2, 1), generator=gen), "position_ids": torch.full((2, 1), 6),
+                 **{p: want[q] for p, q in zip(layout.past_names, layout.present_names)}}
+    want2 = adapter.named(step_feed)
+    got2 = layout.canonical_outputs(new.run(layout.feeds(step_feed)), step_feed)
+    cos = torch.nn.functional.cosine_similarity(got2["logits"].flatten(1), want2["logits"].flatten(1))
+    assert cos.min() > 0.999, cos
+
+
+def test_int8_cache_needs_calibration(decoder):
+    from compilekit.errors import PassError
+
+    _model, _adapter, program = decoder
+    with pytest.raises(PassError, match="calibrat"):
+        get_pass("kv.layout")({"cache": "static", "dtype": "int8"})(program)

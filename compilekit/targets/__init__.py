@@ -54,8 +54,19 @@ class Target:
             options = self.Options(**(options or {}))
         self.options = options
 
-    def lower(self, program: Program, out_dir: Path, *, log: Callable[[str], None] = lambda _: None) -> BuildResult:
+    def lower(self, program: Program, out_dir: Path, *, log: Callable[[str], None] = lambda _: None,
+              origins: Mapping[str, str] | None = None) -> BuildResult:
+        """Write the built files into `out_dir`. `origins` maps FX op names to the pass that introduced them
+        (PassManager.op_origins), for error messages that trace a node to its pass."""
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def preflight(self) -> None:
+        """Raise TargetUnavailable, before any slow step, if this machine cannot build or run the target."""
+
+    def lower_onnx(self, program: Program, out_dir: Path, *, log: Callable[[str], None] = lambda _: None,
+                   origins: Mapping[str, str] | None = None) -> BuildResult:
+        """Only the ONNX a later build takes (`compile --stop-after onnx`); for targets that build past ONNX."""
+        raise NotImplementedError(f"target {self.name} has no separate ONNX stage")
 
     def load(self, out_dir: Path, *, threads: int | None = None) -> Runner:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -66,6 +77,7 @@ class Target:
 
 _TARGETS = {
     "onnxruntime": "compilekit.targets.onnxruntime:OnnxRuntimeTarget",
+    "tensorrt": "compilekit.targets.tensorrt:TensorRTTarget",
 }
 
 

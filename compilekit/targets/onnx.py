@@ -56,7 +56,7 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
     # already turn into the fastest form (ops.register_decomposition). A decomposition may emit another
     # compilekit op (paged attention -> attention), so repeat until none is left to decompose.
     for _ in range(len(decompositions) + 1):
-        wanted = {op: fn for op, fn in decompositions.items() if op in ops.compilekit_ops_in(ep.graph)}
+        wanted = ops.decompositions_for(flavor, ep.graph)
         if not wanted:
             break
         ep = ep.run_decompositions(wanted)
@@ -76,7 +76,18 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
             import onnxscript.optimizer
 
             onnxscript.optimizer.optimize_ir(onnx_program.model, should_fold=_keep_dequantize)
+        if flavor == "tensorrt":
+            from ..qops import nbits_to_dequantize
+
+            nbits_to_dequantize(onnx_program.model, opset)
+    except LoweringError:  # ours, from a translation or the tensorrt rewrite: already says what to do
+        raise
     except Exception as exc:  # the exporter raises its own error types; all mean "could not lower"
+        cause: BaseException | None = exc  # a translation's own LoweringError, wrapped by the exporter
+        while cause is not None and not isinstance(cause, LoweringError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
         lines = str(exc).strip().splitlines()
         raise LoweringError(f"torch.onnx could not lower the program: {type(exc).__name__}: " + "\n    ".join(lines[:15]),
                             hint="a pass may have emitted an op without an ONNX translation; "

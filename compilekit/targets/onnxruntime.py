@@ -20,6 +20,7 @@ from .onnx import lower_to_onnx
 
 MODEL_FILE = "model.onnx"
 
+_PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 _LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
            "all": "ORT_ENABLE_ALL"}
 
@@ -43,6 +44,13 @@ class OnnxRuntimeOptions(TargetOptions):
         "onnxruntime", description="Which translation of compilekit's ops to lower with. tensorrt: the standard "
         "ONNX (+ Q/DQ) TensorRT's parser takes, run here by ONNX Runtime, which checks the graph a TensorRT build "
         "would get; no ORT-specific fusions are applied to it. Needs opset >= 21 for FP8 / opset 23 for Attention.")
+    providers: tuple[Literal["tensorrt", "cuda", "cpu"], ...] = Field(
+        ("cpu",), description="Execution providers in priority order. tensorrt / cuda need onnxruntime-gpu "
+        "(`pip install 'compilekit[ort-gpu]'` after `pip uninstall onnxruntime`); ORT places each node on the first "
+        "provider that takes it.")
+    provider_options: dict[str, dict[str, str | int | float | bool]] = Field(
+        default_factory=dict, description="Options per provider name (e.g. {cuda: {device_id: 0}, tensorrt: "
+        "{trt_fp16_enable: true}}), passed to ONNX Runtime as given.")
     skip_layer_norm: Literal["split", "fused"] = Field(
         "split", description="split: residual add + LayerNorm stays Add + LayerNormalization, and the session "
         "disables ORT's SkipLayerNormFusion. On ORT 1.32 CPU com.microsoft.SkipLayerNormalization measured 3-4x "
@@ -60,11 +68,15 @@ class OnnxRuntimeRunner(Runner):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
+        if options.flavor == "tensorrt":
+            # ORT fuses INT4 DequantizeLinear + MatMul into MatMulNBits at accuracy_level 4 (int8 activations)
+            # by default; TensorRT multiplies in float, and so must the ORT run that checks its ONNX.
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         start = time.perf_counter()
         disabled = ["SkipLayerNormFusion"] if options.skip_layer_norm == "split" else []
+        providers = [(_PROVIDERS[p], dict(options.provider_options.get(p, {}))) for p in options.providers]
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
-                                                disabled_optimizers=disabled)
+            self.session = ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=disabled)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}",
                                 hint="the file may be corrupt; `compilekit artifacts show ID` verifies digests") from None
@@ -128,7 +140,7 @@ class OrtDecoder:
 
         lay = self.layout
         length = lay.max_len if lay.cache == "static" else 0
-        dtype = np.float16 if lay.dtype == "float16" else np.float32
+        dtype = {"float16": np.float16, "int8": np.int8}.get(lay.dtype, np.float32)
         shape = lay.pool_shape() if lay.cache == "paged" else lay.shape(batch, length)
         self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype)) for _ in lay.past_names]
         self.position = 0
@@ -200,14 +212,15 @@ class OrtDecoder:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(int(np.prod(v.shape())) * (2 if self.layout.dtype == "float16" else 4) for v in self.past)
+        return sum(int(np.prod(v.shape())) * self.layout.torch_dtype.itemsize for v in self.past)
 
 
 class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     Options = OnnxRuntimeOptions
 
-    def lower(self, program: Program, out_dir: Path, *, log: Callable[[str], None] = lambda _: None) -> BuildResult:
+    def lower(self, program: Program, out_dir: Path, *, log: Callable[[str], None] = lambda _: None,
+              origins: Mapping[str, str] | None = None) -> BuildResult:
         path = out_dir / MODEL_FILE
         flavor = self.options.flavor
         files = lower_to_onnx(program, path, opset=self.options.opset, flavor=flavor,
@@ -260,6 +273,19 @@ class OnnxRuntimeTarget(Target):
         if not path.is_file():
             raise ArtifactError(f"{path} does not exist", hint="the artifact is incomplete; compile it again")
         return OnnxRuntimeRunner(path, self.options, threads)
+
+    def preflight(self) -> None:
+        import onnxruntime as ort
+
+        from ..errors import TargetUnavailable
+
+        available = set(ort.get_available_providers())
+        missing = [p for p in self.options.providers if _PROVIDERS[p] not in available]
+        if missing:
+            raise TargetUnavailable(
+                f"execution providers {missing} are not in this onnxruntime ({ort.__version__}: "
+                f"{sorted(available)})", hint="install onnxruntime-gpu in place of onnxruntime (`pip uninstall "
+                "onnxruntime && pip install 'compilekit[ort-gpu]'`) on a CUDA machine, or use providers: [cpu]")
 
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort
@@ -423,6 +449,7 @@ def _pack_sibling_matmuls(model) -> int:
         # Insert after the last of the group, so every user of the old outputs still follows it.
         anchor = max(nodes, key=lambda n: list(graph).index(n))
         matmul = ir.Node("", "MatMul", [first.inputs[0], packed], name=f"{first.name}_packed")
+        matmul.metadata_props.update(first.metadata_props)  # keeps the FX origin (check-trt traces nodes by it)
         split = ir.Node("", "Split", [matmul.outputs[0], sizes], attributes=[ir.AttrInt64("axis", -1)],
                         num_outputs=len(nodes), name=f"{first.name}_split")
         graph.insert_after(anchor, [matmul, split])
@@ -507,6 +534,7 @@ def _pack_sibling_nbits(model) -> int:
         attrs = [ir.AttrInt64(k, int(v.value)) for k, v in first.attributes.items() if k != "N"]
         packed = ir.Node("com.microsoft", "MatMulNBits", inputs, attributes=[*attrs, ir.AttrInt64("N", sum(ns))],
                          name=f"{first.name}_packed")
+        packed.metadata_props.update(first.metadata_props)
         new_nodes = [packed]
         result = packed.outputs[0]
         offsets = [_offset_term(n) for n in nodes]
@@ -569,6 +597,7 @@ def _pack_sibling_dynamic_quantize(model) -> int:
             inputs += [None, _const(graph, f"{first.name}_packed_bias",
                                     np.concatenate([n.inputs[4].const_value.numpy() for n in nodes]))]
         packed = ir.Node("com.microsoft", "DynamicQuantizeMatMul", inputs, name=f"{first.name}_packed")
+        packed.metadata_props.update(first.metadata_props)
         sizes = np.array([w.shape[1] for w in weights], dtype=np.int64)
         split = ir.Node("", "Split", [packed.outputs[0], _const(graph, f"{first.name}_packed_sizes", sizes)],
                         attributes=[ir.AttrInt64("axis", -1)], num_outputs=len(nodes), name=f"{first.name}_split")

@@ -1,0 +1,147 @@
+"""One short run on a GPU machine for the TensorRT recipes; prints one table.
+
+For each recipe:
+1. `onnx`: the pipeline up to the TensorRT-flavor ONNX (`compile --stop-after onnx`): the static
+   capability check's rejected nodes and ONNX Runtime's accuracy of that ONNX.
+2. `eager`: the model in eager PyTorch on the GPU at the recipe's latency shape, in float32, float16 and
+   bfloat16: p50 of CUDA-event-timed runs. (The baseline an engine has to beat.)
+3. `engine`: when TensorRT is importable, the full compile: engine build time and the engine's p50 against
+   eager on the same GPU.
+
+Every cell that cannot run says why (no CUDA, no TensorRT, a failed step), so the table is complete on any
+machine. Usage: `.venv/bin/python scripts/gpu_check.py [RECIPE ...] [--runs N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ["recipes/minilm-l6-trt-fp16.yaml", "recipes/minilm-l6-fp8-tensorrt.yaml",
+           "recipes/smollm2-135m-trt-fp16.yaml"]
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:90] if text else ''}"
+
+
+def onnx_stage(loaded, registry: Path) -> dict:
+    from compilekit.compile import compile_recipe
+    from compilekit.errors import GateFailure
+
+    start = time.perf_counter()
+    try:
+        manifest = compile_recipe(loaded, registry=registry, stop_after="onnx").manifest
+    except GateFailure as failure:
+        manifest = failure.manifest
+    check = manifest["build"].get("trt_check", {})
+    cos = min((m.get("cosine_min", 1.0) for m in manifest["accuracy"]["metrics"].values()), default=None)
+    return {"status": manifest["status"], "rejected": check.get("rejected"), "cosine_min": cos,
+            "seconds": time.perf_counter() - start}
+
+
+def eager_stage(loaded, runs: int) -> dict[str, float | str]:
+    import torch
+
+    from compilekit.export import DecoderAdapter, ExportAdapter, probe_kv_layout
+    from compilekit.inputs import make_inputs
+    from compilekit.sources import load_model
+
+    if not torch.cuda.is_available():
+        return {"float32": "no CUDA", "float16": "no CUDA", "bfloat16": "no CUDA"}
+    recipe = loaded.recipe
+    model = load_model(recipe.model)
+    sizes = {name: recipe.verify.latency.shape.get(name, d.opt) for name, d in recipe.dims.items()}
+    if recipe.model.task == "text-generation":
+        adapter = DecoderAdapter(model.module, probe_kv_layout(model.module))
+        specs = adapter.input_specs(*recipe.inputs[0].shape)
+    else:
+        adapter = ExportAdapter(model.module, [i.name for i in recipe.inputs])
+        specs = recipe.inputs
+    inputs = make_inputs(specs, sizes, vocab_size=model.vocab_size, generator=torch.Generator().manual_seed(0))
+    out: dict[str, float | str] = {}
+    for name in ("float32", "float16", "bfloat16"):
+        dtype = getattr(torch, name)
+        try:
+            adapter.to("cuda", dtype)
+            args = [inputs[n].to("cuda", dtype) if inputs[n].is_floating_point() else inputs[n].to("cuda")
+                    for n in adapter.input_names]
+            times = []
+            with torch.inference_mode():
+                for i in range(runs + 5):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    adapter(*args)
+                    end.record()
+                    end.synchronize()
+                    if i >= 5:
+                        times.append(start.elapsed_time(end))
+            out[name] = statistics.median(times)
+        except Exception as exc:  # a dtype a model cannot run in: say so in its cell
+            out[name] = _short(exc)
+    adapter.to("cpu", torch.float32)
+    return out
+
+
+def engine_stage(loaded, registry: Path) -> dict:
+    from compilekit.compile import compile_recipe
+    from compilekit.errors import GateFailure
+    from compilekit.targets.tensorrt import missing_requirements
+
+    missing = missing_requirements()
+    if missing:
+        return {"status": "skipped: " + missing[0].split(";")[0].split(" (")[0]}
+    try:
+        manifest = compile_recipe(loaded, registry=registry).manifest
+    except GateFailure as failure:
+        manifest = failure.manifest
+    lat = manifest.get("latency", {})
+    return {"status": manifest["status"], "build_s": manifest["build"].get("build_seconds"),
+            "p50_ms": lat.get("p50_ms"), "eager_p50_ms": lat.get("baseline_p50_ms"), "speedup": lat.get("speedup")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="*", default=RECIPES)
+    parser.add_argument("--runs", type=int, default=50)
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from compilekit.recipe import load_recipe
+
+    table = Table(title="TensorRT recipes on this machine", title_justify="left")
+    for col in ("recipe", "onnx: status / rejected / cosine min / s", "eager fp32 ms", "eager fp16 ms",
+                "eager bf16 ms", "engine: status / build s / p50 ms / x eager"):
+        table.add_column(col)
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="compilekit-gpu-check-") as tmp:
+        for path in args.recipes:
+            loaded = load_recipe(ROOT / path if not Path(path).is_absolute() else Path(path))
+            cells = []
+            for stage in (lambda: onnx_stage(loaded, Path(tmp) / "onnx"), lambda: eager_stage(loaded, args.runs),
+                          lambda: engine_stage(loaded, Path(tmp) / "engine")):
+                try:
+                    cells.append(stage())
+                except Exception as exc:  # one failing stage must not hide the others
+                    cells.append({"error": _short(exc)})
+            onnx, eager, engine = cells
+            onnx_cell = onnx.get("error") or (f"{onnx['status']} / {onnx['rejected']} / {fmt(onnx['cosine_min'])} / "
+                                              f"{onnx['seconds']:.0f}")
+            eager_cells = [eager.get("error") or fmt(eager.get(d)) for d in ("float32", "float16", "bfloat16")]
+            engine_cell = engine.get("error") or " / ".join(fmt(engine.get(k)) for k in ("status", "build_s", "p50_ms",
+                                                                                           "speedup") if k in engine)
+            table.add_row(Path(path).name, onnx_cell, *eager_cells, engine_cell)
+            print(f"done: {path}", file=sys.stderr)
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()
