@@ -620,6 +620,9 @@ def _measure_latency(loaded: LoadedRecipe, model: LoadedModel, adapter: ExportAd
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "gates": gates,
     }
+    if hasattr(runner, "time_gpu"):  # GPU compute time from CUDA events, apart from the host-side time above
+        latency["gpu"] = {k: round(v, 4) for k, v in runner.time_gpu(feeds_for(kv, inputs), warmup=spec.warmup,
+                                                                     runs=spec.runs).items()}
     return latency, gates
 
 

@@ -217,6 +217,20 @@ def _nbits_linear_trt(x, packed, scales, offsets, bias, in_features: int, group_
 register_translation("tensorrt", torch.ops.compilekit.nbits_linear.default)(_nbits_linear_trt)
 
 
+def _constant(value):
+    """The constant tensor behind `value` (an initializer, a Constant, or a Reshape of one: the optimizer does
+    not fold large tensors), else None. Reshapes do not matter here: the caller reshapes by N, K and g."""
+    from onnx_ir.convenience import get_const_tensor
+
+    while value is not None:
+        tensor = get_const_tensor(value)
+        if tensor is not None:
+            return tensor
+        producer = value.producer()
+        value = producer.inputs[0] if producer is not None and producer.op_type == "Reshape" else None
+    return None
+
+
 def nbits_to_dequantize(model, opset: int) -> int:
     """Rewrite every com.microsoft MatMulNBits (4-bit, constant weights) in an onnx_ir model into
     DequantizeLinear(INT4 [K, N], scale [K/g, N], axis 0, block_size g) + MatMul (+ Add bias): the standard
@@ -237,7 +251,7 @@ def nbits_to_dequantize(model, opset: int) -> int:
                                 hint="raise target.options.opset (23 for tensorrt)")
         attrs = {k: v.value for k, v in node.attributes.items()}
         k, n, g = int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"])
-        packed, scales = (node.inputs[i].const_value if node.inputs[i] is not None else None for i in (1, 2))
+        packed, scales = (_constant(node.inputs[i]) for i in (1, 2))
         if packed is None or scales is None or int(attrs.get("bits", 4)) != 4:
             raise LoweringError(f"MatMulNBits {node.name}: only constant 4-bit weights have a TensorRT form")
         q = quant.unpack_nibbles(torch.from_numpy(packed.numpy().copy())).reshape(n, -1)[:, :k].numpy()
@@ -264,12 +278,13 @@ def nbits_to_dequantize(model, opset: int) -> int:
         old.replace_all_uses_with(result)
         if old.is_graph_output():
             graph.outputs[graph.outputs.index(old)] = result
-        unread = node.inputs[1:3]  # the packed bytes and their scales (remove() detaches the inputs)
         graph.remove(node, safe=True)
-        for value in unread:
-            if value is not None and not value.uses() and value.name in graph.initializers:
-                graph.initializers.pop(value.name)
         count += 1
+    if count:  # the packed bytes, their scales and any reshape of them are unread now; so is the contrib opset
+        from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
+
+        RemoveUnusedNodesPass()(model)
+        RemoveUnusedOpsetsPass()(model)
     return count
 
 

@@ -66,7 +66,9 @@ class Target:
     def lower_onnx(self, program: Program, out_dir: Path, *, log: Callable[[str], None] = lambda _: None,
                    origins: Mapping[str, str] | None = None) -> BuildResult:
         """Only the ONNX a later build takes (`compile --stop-after onnx`); for targets that build past ONNX."""
-        raise NotImplementedError(f"target {self.name} has no separate ONNX stage")
+        from ..errors import LoweringError
+
+        raise LoweringError(f"target {self.name} has no stage after its ONNX", hint="compile without --stop-after")
 
     def load(self, out_dir: Path, *, threads: int | None = None) -> Runner:
         raise NotImplementedError  # pragma: no cover - abstract
