@@ -105,12 +105,21 @@ def cli() -> None:
               help="onnx: stop at the target's ONNX (tensorrt: no TensorRT or GPU needed). Runs the passes, the "
                    "ledger, the lowering and its checks and ONNX Runtime's accuracy check of that ONNX, and stores "
                    "it as an artifact for trtexec or a later build.")
-def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Path | None, stop_after: str | None) -> None:
+@click.option("--push", "push_to", default=None, metavar="oci://HOST[:PORT]/REPO[:TAG]",
+              help="Upload the artifact after every gate passed, and only then (overrides the recipe's artifact.push).")
+@click.option("--insecure", is_flag=True, help="--push over plain HTTP, to a registry on this machine (loopback) only.")
+def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Path | None, stop_after: str | None,
+                push_to: str | None, insecure: bool) -> None:
     """Compile RECIPE: export, passes, lower, verify, store. Exit 3 if a gate fails."""
     from .recipe import load_recipe
 
     def go() -> None:
         loaded = load_recipe(recipe)  # before importing torch: a bad recipe fails in well under a second
+        destination = push_to or loaded.recipe.artifact.push
+        if destination:
+            from .registry.remote import OciRef
+
+            OciRef.parse(destination)  # a bad reference fails now, not after the compile
         from .compile import compile_recipe
         from .summary import print_summary
 
@@ -128,6 +137,8 @@ def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Pat
             onnx_path = result.artifact.path / "model.onnx"
             err.print(f"TensorRT-flavor ONNX: {onnx_path}\n  build it where TensorRT runs: `trtexec --onnx={onnx_path}` "
                       f"or `compilekit compile {recipe}` on that machine", soft_wrap=True)
+        if destination and result.artifact is not None:
+            _push_artifact(result.artifact, destination, insecure)
         if as_json:
             click.echo(json.dumps(result.manifest, indent=None, allow_nan=False))
 
@@ -375,6 +386,74 @@ def artifacts_show(ref: str, registry: Path | None) -> None:
         artifact.verify()
         err.print(f"[green]verified[/green] {artifact.id} ({len(artifact.manifest.get('files', {}))} files) at {artifact.path}")
         click.echo(json.dumps(artifact.manifest, indent=2))
+
+    _run(go)
+
+
+def _transfer_progress(label: str, total: int):
+    """A rich progress bar over bytes; returns (callback(advance_bytes), context manager)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   console=err, transient=True)
+    task = bar.add_task(label, total=total)
+    return (lambda n: bar.advance(task, n)), bar
+
+
+def _push_artifact(artifact, destination: str, insecure: bool) -> str:
+    """Verify, then upload with a progress bar; returns the manifest digest."""
+    from .registry.oci import package
+    from .registry.remote import OciRef
+    from .registry.remote import push as push_package
+
+    target = OciRef.parse(destination)
+    artifact.verify()  # never upload files that no longer match their digests
+    pkg = package(artifact)
+    advance, bar = _transfer_progress(f"push {artifact.name}", sum(b.size for b in pkg.blobs))
+    start = time.perf_counter()
+    with bar:
+        result = push_package(pkg, target, insecure=insecure, progress=advance)
+    seconds = time.perf_counter() - start
+    err.print(f"[green]pushed[/green] {artifact.id} to {target} as {result['digest']}: {result['uploaded']} of "
+              f"{result['blobs']} blobs uploaded, {result['bytes'] / 2**20:.1f} MiB in all ({seconds:.1f}s)")
+    return result["digest"]
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("destination")
+@registry_option
+@click.option("--insecure", is_flag=True, help="Plain HTTP, for a registry on this machine (loopback) only.")
+def push(ref: str, destination: str, registry: Path | None, insecure: bool) -> None:
+    """Upload a stored artifact (REF: id, prefix, name[:version]) to DESTINATION, oci://HOST[:PORT]/REPO[:TAG]."""
+    def go() -> None:
+        click.echo(_push_artifact(_store(registry).resolve(ref), destination, insecure))
+
+    _run(go)
+
+
+@cli.command()
+@click.argument("source")
+@registry_option
+@click.option("--insecure", is_flag=True, help="Plain HTTP, for a registry on this machine (loopback) only.")
+def pull(source: str, registry: Path | None, insecure: bool) -> None:
+    """Download an artifact from SOURCE (oci://HOST[:PORT]/REPO[:TAG|@DIGEST]) into the local store, every
+    blob hash-checked."""
+    def go() -> None:
+        from .registry.remote import OciRef
+        from .registry.remote import pull as pull_artifact
+
+        ref = OciRef.parse(source)
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=err, transient=True) as bar:
+            task = bar.add_task(f"pull {ref.repository}", total=None)
+            artifact, digest = pull_artifact(ref, _store(registry), insecure=insecure,
+                                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+        err.print(f"[green]pulled[/green] {ref} ({digest}) -> {artifact.name}:{artifact.version} {artifact.id} at "
+                  f"{artifact.path}")
+        click.echo(artifact.id)
 
     _run(go)
 

@@ -282,6 +282,9 @@ class ArtifactSpec(_Model):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Lower-case name: letters, digits, . _ -")
     version: str = Field("0.1.0", pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", description="Version string.")
     tags: list[str] = Field(default_factory=list, description="Free-form labels.")
+    push: str | None = Field(None, pattern=r"^oci://", description="Upload the artifact to this OCI reference "
+                             "(oci://HOST[:PORT]/REPO[:TAG]) after every gate passed, and only then "
+                             "(`compile --push` overrides it).")
 
 
 class Recipe(_Model):

@@ -1,0 +1,189 @@
+"""push / pull against a real OCI registry: Debian's `docker-registry` (the CNCF distribution server), started
+on 127.0.0.1 with a config of our own. Round trip byte for byte, a chunked 200 MB blob, a registry killed and
+restarted in the middle of a push, a corrupt blob refused on pull, and two pushes of one artifact at once."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+from click.testing import CliRunner
+
+from compilekit.cli import cli
+from compilekit.errors import ArtifactError
+from compilekit.registry import LocalStore
+from compilekit.registry.oci import ARTIFACT_TYPE, TITLE, package
+from compilekit.registry.remote import OciRef, pull, push
+from compilekit.registry.server import LocalRegistry, available
+
+
+
+@pytest.fixture
+def registry(tmp_path):
+    if not available():
+        pytest.skip("Debian's docker-registry is not installed (`apt-get install docker-registry`; .ci/run installs it)")
+    server = LocalRegistry(tmp_path / "server")
+    server.start()
+    yield server
+    server.kill()
+
+
+def _artifact(store: LocalStore, files: dict[str, bytes | int]):
+    """A stored artifact with the given files (bytes, or a size for a file of random bytes)."""
+    with store.staging() as staged:
+        for rel, content in files.items():
+            path = staged / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, int):
+                with open(path, "wb") as f:
+                    for _ in range(content // (1 << 24)):
+                        f.write(os.urandom(1 << 24))
+                    f.write(os.urandom(content % (1 << 24)))
+            else:
+                path.write_bytes(content)
+        manifest = {"name": "blobs", "version": "1", "recipe": {}, "source": {}, "toolchain": {}, "signature": {},
+                    "target": {"backend": "onnxruntime"}, "created": "2026-11-28T00:00:00+00:00", "status": "passed"}
+        return store.commit(staged, manifest)
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    return names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def test_compiled_artifact_round_trip(registry, tiny_recipe, tmp_path):
+    from compilekit.compile import compile_recipe
+    from compilekit.recipe import load_recipe
+
+    store = LocalStore(tmp_path / "a")
+    artifact = compile_recipe(load_recipe(tiny_recipe()), registry=store.root).artifact
+    dest = f"oci://{registry.host}/models/tiny:latest"
+    out = CliRunner().invoke(cli, ["push", artifact.id, dest, "--registry", str(store.root), "--insecure"])
+    assert out.exit_code == 0, out.output
+    digest = out.stdout.strip().splitlines()[-1]
+    assert digest == package(artifact).digest
+    # The registry holds our manifest bytes, with the artifact type and one titled layer per file.
+    manifest = requests.get(f"http://{registry.host}/v2/models/tiny/manifests/latest",
+                            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+    assert manifest["artifactType"] == ARTIFACT_TYPE
+    assert sorted(layer["annotations"][TITLE] for layer in manifest["layers"]) == sorted(artifact.manifest["files"])
+    assert manifest["annotations"]["dev.compilekit.backend"] == "onnxruntime"
+    # Pull into an empty store: same id, same manifest digest, the same bytes.
+    other = LocalStore(tmp_path / "b")
+    out = CliRunner().invoke(cli, ["pull", dest, "--registry", str(other.root), "--insecure"])
+    assert out.exit_code == 0, out.output
+    pulled = other.resolve(artifact.id)
+    assert _same_files(artifact.path, pulled.path)
+    assert package(pulled).digest == digest
+    # Pushing again uploads nothing: every blob is there.
+    again = push(package(artifact), OciRef.parse(dest), insecure=True)
+    assert again["uploaded"] == 0
+
+
+def test_large_blob_goes_up_in_chunks_and_comes_back(registry, tmp_path, monkeypatch):
+    import compilekit.registry.remote as remote
+
+    calls = []
+    real = remote.RegistryClient._request
+
+    def counting(self, method, url, **kwargs):
+        calls.append(method)
+        return real(self, method, url, **kwargs)
+
+    monkeypatch.setattr(remote.RegistryClient, "_request", counting)
+    store = LocalStore(tmp_path / "a")
+    artifact = _artifact(store, {"model.onnx.data": 200 << 20, "model.onnx": b"small"})
+    ref = OciRef.parse(f"oci://{registry.host}/models/big:v1")
+    push(package(artifact), ref, insecure=True)
+    assert calls.count("PATCH") == -(-(200 << 20) // remote.CHUNK)
+    pulled, _ = pull(ref, LocalStore(tmp_path / "b"), insecure=True)
+    assert _same_files(artifact.path, pulled.path)
+
+
+def test_push_survives_a_registry_restart(registry, tmp_path):
+    """The registry is killed after the first chunk of a large blob and comes back a second later: the
+    push retries, re-uploads what the registry lost, and finishes; the pull is intact."""
+    store = LocalStore(tmp_path / "a")
+    artifact = _artifact(store, {"model.engine": 150 << 20})
+    ref = OciRef.parse(f"oci://{registry.host}/models/restart:v1")
+    killed = []
+
+    def progress(n):
+        if not killed:
+            killed.append(n)
+            registry.kill()
+            threading.Timer(1.0, registry.start).start()
+
+    push(package(artifact), ref, insecure=True, progress=progress)
+    assert killed
+    pulled, _ = pull(ref, LocalStore(tmp_path / "b"), insecure=True)
+    assert _same_files(artifact.path, pulled.path)
+
+
+def test_pull_refuses_a_corrupt_blob(registry, tmp_path):
+    store = LocalStore(tmp_path / "a")
+    artifact = _artifact(store, {"model.onnx": b"x" * 4096, "report.json": b"{}"})
+    ref = OciRef.parse(f"oci://{registry.host}/models/corrupt:v1")
+    push(package(artifact), ref, insecure=True)
+    blob = registry.blob_path(artifact.manifest["files"]["model.onnx"])
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    other = LocalStore(tmp_path / "b")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        pull(ref, other, insecure=True)
+    assert other.list() == [] and not any(p.is_file() for p in other.root.rglob("*"))  # nothing half-written
+
+
+def test_two_pushes_of_one_artifact_at_once(registry, tmp_path):
+    store = LocalStore(tmp_path / "a")
+    artifact = _artifact(store, {"model.onnx.data": 40 << 20, "model.onnx": b"graph"})
+    ref = OciRef.parse(f"oci://{registry.host}/models/twice:v1")
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(push(package(artifact), ref, insecure=True))
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2 and results[0]["digest"] == results[1]["digest"]
+    pulled, digest = pull(ref, LocalStore(tmp_path / "b"), insecure=True)
+    assert digest == results[0]["digest"] and _same_files(artifact.path, pulled.path)
+
+
+def test_references_and_insecure_rules():
+    ref = OciRef.parse("oci://127.0.0.1:5000/models/minilm:latest")
+    assert (ref.host, ref.repository, ref.tag) == ("127.0.0.1:5000", "models/minilm", "latest")
+    assert OciRef.parse("oci://r.example.com/a/b@sha256:" + "0" * 64).reference == "sha256:" + "0" * 64
+    with pytest.raises(ArtifactError, match="not an OCI reference"):
+        OciRef.parse("https://r.example.com/a")
+    from compilekit.registry.remote import RegistryClient
+
+    with pytest.raises(ArtifactError, match="loopback"):
+        RegistryClient(OciRef.parse("oci://r.example.com/a:b"), insecure=True)
+
+
+def test_compile_push_uploads_only_after_the_gates(registry, tiny_recipe, tmp_path):
+    dest = f"oci://{registry.host}/models/tiny:ci"
+    store = tmp_path / "a"
+    out = CliRunner().invoke(cli, ["compile", str(tiny_recipe()), "--registry", str(store), "--push", dest, "--insecure"])
+    assert out.exit_code == 0, out.output
+    local = LocalStore(store).list()[0]
+    pulled, digest = pull(OciRef.parse(dest), LocalStore(tmp_path / "b"), insecure=True)
+    assert pulled.id == local.id and digest == package(local).digest and _same_files(local.path, pulled.path)
+    # A failed gate pushes nothing.
+    failing = tiny_recipe({"verify": {"accuracy": {"gates": {"max_abs": 1e-15}}}, "artifact": {"version": "9.9.9"}})
+    out = CliRunner().invoke(cli, ["compile", str(failing), "--registry", str(store), "--push",
+                                   f"oci://{registry.host}/models/tiny:failed", "--insecure"])
+    assert out.exit_code == 3
+    assert requests.head(f"http://{registry.host}/v2/models/tiny/manifests/failed").status_code == 404
