@@ -108,8 +108,10 @@ def cli() -> None:
 @click.option("--push", "push_to", default=None, metavar="oci://HOST[:PORT]/REPO[:TAG]",
               help="Upload the artifact after every gate passed, and only then (overrides the recipe's artifact.push).")
 @click.option("--insecure", is_flag=True, help="--push over plain HTTP, to a registry on this machine (loopback) only.")
+@click.option("--rebuild", is_flag=True, help="Compile even if the store holds an artifact with the same build key "
+              "(recipe, weights, toolchain, compilekit sources).")
 def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Path | None, stop_after: str | None,
-                push_to: str | None, insecure: bool) -> None:
+                push_to: str | None, insecure: bool, rebuild: bool) -> None:
     """Compile RECIPE: export, passes, lower, verify, store. Exit 3 if a gate fails."""
     from .recipe import load_recipe
 
@@ -125,7 +127,7 @@ def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Pat
 
         try:
             result = compile_recipe(loaded, registry=registry, reporter=RichReporter(err), dump_ir=dump_ir,
-                                    stop_after=stop_after)
+                                    stop_after=stop_after, rebuild=rebuild)
         except GateFailure as failure:
             print_summary(failure.manifest, err)
             err.print(f"[bold red]{failure}[/bold red]", soft_wrap=True)
@@ -133,6 +135,10 @@ def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Pat
                 click.echo(json.dumps(failure.manifest, indent=None, allow_nan=False))
             sys.exit(failure.exit_code)
         print_summary(result.manifest, err, artifact_path=str(result.artifact.path) if result.artifact else None)
+        if result.reused:
+            err.print(f"[bold]build cache:[/bold] reused {result.artifact.id} (built {result.manifest.get('created')} "
+                      "from the same recipe, weights, toolchain and compilekit sources; the summary above is from "
+                      "that build). --rebuild compiles again.", soft_wrap=True)
         if stop_after == "onnx" and result.artifact is not None:
             onnx_path = result.artifact.path / "model.onnx"
             err.print(f"TensorRT-flavor ONNX: {onnx_path}\n  build it where TensorRT runs: `trtexec --onnx={onnx_path}` "
@@ -436,7 +442,8 @@ def push(ref: str, destination: str, registry: Path | None, insecure: bool) -> N
 @click.argument("source")
 @registry_option
 @click.option("--insecure", is_flag=True, help="Plain HTTP, for a registry on this machine (loopback) only.")
-def pull(source: str, registry: Path | None, insecure: bool) -> None:
+@click.option("--force", is_flag=True, help="Download even if the artifact does not fit this machine.")
+def pull(source: str, registry: Path | None, insecure: bool, force: bool) -> None:
     """Download an artifact from SOURCE (oci://HOST[:PORT]/REPO[:TAG|@DIGEST]) into the local store, every
     blob hash-checked."""
     def go() -> None:
@@ -449,11 +456,34 @@ def pull(source: str, registry: Path | None, insecure: bool) -> None:
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                       console=err, transient=True) as bar:
             task = bar.add_task(f"pull {ref.repository}", total=None)
-            artifact, digest = pull_artifact(ref, _store(registry), insecure=insecure,
+            artifact, digest = pull_artifact(ref, _store(registry), insecure=insecure, force=force,
                                              progress=lambda done, total: bar.update(task, completed=done, total=total))
         err.print(f"[green]pulled[/green] {ref} ({digest}) -> {artifact.name}:{artifact.version} {artifact.id} at "
                   f"{artifact.path}")
         click.echo(artifact.id)
+
+    _run(go)
+
+
+@artifacts.command("rm")
+@click.argument("ref")
+@registry_option
+def artifacts_rm(ref: str, registry: Path | None) -> None:
+    """Delete one stored artifact (REF: id, prefix, name[:version])."""
+    def go() -> None:
+        art = _store(registry).remove(ref)
+        err.print(f"removed {art.id} ({art.name}:{art.version})")
+
+    _run(go)
+
+
+@artifacts.command("gc")
+@registry_option
+def artifacts_gc(registry: Path | None) -> None:
+    """Delete broken store entries and staging leftovers of crashed compiles (older than an hour)."""
+    def go() -> None:
+        removed = _store(registry).gc()
+        err.print(f"removed {removed['broken']} broken entries and {removed['stale_staging']} stale staging dirs")
 
     _run(go)
 

@@ -60,6 +60,7 @@ class CompileResult:
     stages: dict[str, float]
     accuracy_gates: list[Any] = field(default_factory=list)
     latency_gates: list[dict[str, Any]] = field(default_factory=list)
+    reused: bool = False  # the build cache returned a stored artifact with the same build key
 
     @property
     def passed(self) -> bool:
@@ -240,8 +241,50 @@ def _torch_threads(n: int) -> Iterator[None]:
 STOP_STAGES = ("onnx",)
 
 
+class _CacheHit(Exception):
+    def __init__(self, artifact: Artifact) -> None:
+        super().__init__(artifact.id)
+        self.artifact = artifact
+
+
+def _source_digest() -> str:
+    """sha256 over compilekit's own source files: a changed compiler must not reuse old builds."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.json"), *(root.parent / "passes").rglob("*.py")]):
+        h.update(path.as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def build_key(loaded: LoadedRecipe, model: LoadedModel, stop_after: str | None) -> str:
+    """What decides a build: the resolved recipe, the model's identity (weights digest included), the
+    toolchain versions and compilekit's own sources. Two compiles with the same key build the same thing."""
+    import hashlib
+
+    from .artifact import canonical_json
+
+    blob = canonical_json({"recipe": loaded.resolved(), "source": model.identity, "toolchain": _toolchain(),
+                           "compilekit_sources": _source_digest(), "stop_after": stop_after})
+    return f"sha256:{hashlib.sha256(blob).hexdigest()}"
+
+
+def _cached(store: LocalStore, key: str) -> Artifact | None:
+    """A stored, passed artifact with this build key whose files still match their digests."""
+    for artifact in store.list():
+        if artifact.manifest.get("build_key") == key and artifact.manifest.get("status") == "passed":
+            try:
+                artifact.verify()
+            except CompilekitError:
+                continue  # damaged: build again
+            return artifact
+    return None
+
+
 def prepare(loaded: LoadedRecipe, reporter: Reporter, timer: _Timer, *, stop_after: str | None = None,
-            lowers: bool = True):
+            lowers: bool = True, on_loaded: Callable[[LoadedModel], None] | None = None):
     """Validate plugins, load the model, build checking data and the eager reference, export. `lowers`:
     the caller will lower to the target (inspect does not), so a target this machine lacks fails now."""
     recipe = loaded.recipe
@@ -257,6 +300,8 @@ def prepare(loaded: LoadedRecipe, reporter: Reporter, timer: _Timer, *, stop_aft
                           "artifact)", hint="compile without --stop-after")
     with timer("load", _model_label(recipe.model)):
         model = load_model(recipe.model)
+    if on_loaded is not None:
+        on_loaded(model)
     if recipe.model.task == "text-generation":
         return _prepare_decoder(loaded, passes, target, model, timer)
     adapter = ExportAdapter(model.module, [i.name for i in recipe.inputs])
@@ -338,15 +383,35 @@ def _model_label(spec) -> str:
 
 
 def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, reporter: Reporter | None = None,
-                   dump_ir: Path | None = None, stop_after: str | None = None) -> CompileResult:
+                   dump_ir: Path | None = None, stop_after: str | None = None, rebuild: bool = False) -> CompileResult:
     """Run the whole pipeline. Returns the result; raises GateFailure (with the manifest) if a gate fails.
 
     `stop_after="onnx"` (targets that build past ONNX, like tensorrt) stops at the target's ONNX: passes,
-    ledger, lowering and its checks, and accuracy of that ONNX run by ONNX Runtime; no engine, no latency."""
+    ledger, lowering and its checks, and accuracy of that ONNX run by ONNX Runtime; no engine, no latency.
+
+    Build cache: when the store holds a passed artifact with the same build key (`build_key`), it is returned
+    right after the model loads (`reused`), unless `rebuild`."""
     reporter = reporter or Reporter()
     timer = _Timer(reporter)
     recipe = loaded.recipe
-    passes, target, model, adapter, batches, reference, program = prepare(loaded, reporter, timer, stop_after=stop_after)
+    store = LocalStore(registry or default_store_path())
+    key: list[str] = []
+
+    def check_cache(model: LoadedModel) -> None:
+        key.append(build_key(loaded, model, stop_after))
+        if not rebuild:
+            with timer("cache", "build key lookup"):
+                hit = _cached(store, key[0])
+            if hit is not None:
+                raise _CacheHit(hit)
+
+    try:
+        passes, target, model, adapter, batches, reference, program = prepare(
+            loaded, reporter, timer, stop_after=stop_after, on_loaded=check_cache)
+    except _CacheHit as hit:
+        reporter.log(f"build cache: {hit.artifact.id} was built from the same recipe, weights and toolchain; "
+                     "reusing it (--rebuild to compile again)")
+        return CompileResult(hit.artifact.manifest, hit.artifact, [], dict(timer.stages), reused=True)
     outputs = [t.name for t in program.outputs]
     logits = _logits_outputs(loaded, outputs)
     ledger_batches = take_samples(batches, recipe.verify.data.ledger_samples)
@@ -373,7 +438,6 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
         program, pass_rows = manager.run(program)
     ledger += pass_rows
 
-    store = LocalStore(registry or default_store_path())
     threads = _latency_threads(loaded, target)
     with store.staging() as staged:
         with timer("lower", f"{recipe.target.backend}" + (" (ONNX only)" if stop_after else "")):
@@ -434,6 +498,7 @@ def compile_recipe(loaded: LoadedRecipe, *, registry: Path | None = None, report
             "latency": latency,
             "stages": dict(timer.stages),
             **({"stopped_after": stop_after} if stop_after else {}),
+            "build_key": key[0],
             "files": {},
         }
         if not passed:
@@ -715,16 +780,22 @@ def tensorrt_check_recipe(loaded: LoadedRecipe, work_dir: Path, *, reporter: Rep
 
 
 def load_artifact(ref: str, *, registry: Path | None = None, threads: int | None = None,
-                  verify: bool = True, overrides: dict[str, Any] | None = None) -> tuple[Artifact, Any]:
-    """Resolve a stored artifact (id, prefix, name[:version], or its directory), check its file digests, and
-    return it with a Runner for its files."""
+                  verify: bool = True, overrides: dict[str, Any] | None = None,
+                  force: bool = False) -> tuple[Artifact, Any]:
+    """Resolve a stored artifact (id, prefix, name[:version], or its directory), check that it fits this
+    machine (unless `force`) and its file digests, and return it with a Runner for its files."""
     from .errors import ArtifactError
+    from .registry.compat import manifest_incompatibilities
     from .targets import available_targets, get_target
 
     if Path(ref).is_dir() and (Path(ref) / "manifest.json").is_file():  # an artifact directory given by path
         artifact = Artifact.load(Path(ref))
     else:
         artifact = LocalStore(registry or default_store_path()).resolve(ref)
+    reasons = manifest_incompatibilities(artifact.manifest)
+    if reasons and not force:  # before hashing or loading gigabytes
+        raise ArtifactError(f"artifact {artifact.id} does not fit this machine: " + "; ".join(reasons),
+                            hint="run it where it fits, or pass --force")
     if verify:
         artifact.verify()
     info = artifact.manifest.get("target") or {}

@@ -175,3 +175,20 @@ def test_gpt2_compiles_when_ort_fusions_break_its_graph(tiny_recipe, registry_di
     lower = result.manifest["passes"][-1]
     assert "ONNX-level fusions dropped, plain ONNX kept" in lower["summary"]
     assert result.manifest["passes"][3]["stats"]["fused"] == 2
+
+
+def test_build_cache_reuses_a_stored_build_until_its_inputs_change(tiny_recipe, registry_dir):
+    first = compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir)
+    assert not first.reused and first.manifest["build_key"].startswith("sha256:")
+    second = compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir)
+    assert second.reused and second.artifact.id == first.artifact.id and second.ledger == []
+    assert "cache" in second.stages and "export" not in second.stages  # returned right after the load
+    rebuilt = compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir, rebuild=True)
+    assert not rebuilt.reused and "export" in rebuilt.stages and rebuilt.artifact.id == first.artifact.id
+    changed = compile_recipe(load_recipe(tiny_recipe({"verify": {"data": {"samples": 6}}})), registry=registry_dir)
+    assert not changed.reused and changed.manifest["build_key"] != first.manifest["build_key"]
+    # A stored copy whose files no longer match is never handed out: the next compile builds again.
+    onnx_file = first.artifact.path / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    again = compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir)
+    assert not again.reused and again.artifact.id == first.artifact.id

@@ -187,3 +187,30 @@ def test_compile_push_uploads_only_after_the_gates(registry, tiny_recipe, tmp_pa
                                    f"oci://{registry.host}/models/tiny:failed", "--insecure"])
     assert out.exit_code == 3
     assert requests.head(f"http://{registry.host}/v2/models/tiny/manifests/failed").status_code == 404
+
+
+def test_an_engine_artifact_is_refused_where_tensorrt_is_missing(registry, tmp_path):
+    """A TensorRT engine built elsewhere: pull refuses it before downloading any blob (its annotations say
+    why), --force downloads it, and loading it refuses too."""
+    from compilekit.compile import load_artifact
+    from compilekit.targets.tensorrt import missing_requirements
+
+    if not missing_requirements():
+        pytest.skip("TensorRT and a GPU are present here: the refusal cannot be shown")
+    store = LocalStore(tmp_path / "a")
+    with store.staging() as staged:
+        (staged / "model.engine").write_bytes(b"plan" * 1000)
+        manifest = {"name": "engine", "version": "1", "recipe": {}, "source": {}, "toolchain": {}, "signature": {},
+                    "target": {"backend": "tensorrt", "options": {"hardware_compatibility": "none"}},
+                    "build": {"tensorrt": "10.15.1", "compute_capability": "9.0"}, "status": "passed",
+                    "created": "2026-11-28T00:00:00+00:00"}
+        artifact = store.commit(staged, manifest)
+    ref = OciRef.parse(f"oci://{registry.host}/models/engine:v1")
+    push(package(artifact), ref, insecure=True)
+    other = LocalStore(tmp_path / "b")
+    with pytest.raises(ArtifactError, match="does not fit this machine: it is a TensorRT engine"):
+        pull(ref, other, insecure=True)
+    assert not (other.root / "sha256").exists() or not any((other.root / "sha256").iterdir())
+    pulled, _ = pull(ref, other, insecure=True, force=True)
+    with pytest.raises(ArtifactError, match="does not fit this machine"):
+        load_artifact(pulled.id, registry=other.root)

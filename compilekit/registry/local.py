@@ -219,6 +219,33 @@ class LocalStore:
                 lines.append(f"  sha256:{d.name}  (broken)")
         return "\n".join(lines)
 
+    def gc(self, *, stale_seconds: float = 3600.0) -> dict[str, int]:
+        """Delete broken entries under sha256/ and staging leftovers in .tmp older than `stale_seconds` (a
+        crashed or killed compile's; a running compile's staging dir is younger and stays)."""
+        import time
+
+        removed = {"broken": 0, "stale_staging": 0}
+        for path, _reason in self.list_broken():
+            trash = self._tmp / f"broken-{uuid.uuid4().hex}"
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(path, trash)
+            except OSError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
+            removed["broken"] += 1
+        if self._tmp.is_dir():
+            now = time.time()
+            for entry in self._tmp.iterdir():
+                try:
+                    old = now - entry.stat().st_mtime > stale_seconds
+                except FileNotFoundError:
+                    continue
+                if old:
+                    (shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True))
+                    removed["stale_staging"] += 1
+        return removed
+
     def remove(self, ref: str) -> Artifact:
         """Delete one artifact; it vanishes atomically (renamed into .tmp before the rmtree)."""
         art = self.resolve(ref)

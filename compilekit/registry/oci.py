@@ -90,6 +90,8 @@ def annotations(manifest: dict[str, Any]) -> dict[str, str]:
         "dev.compilekit.tensorrt.hardware-compatibility": options.get("hardware_compatibility"),
         "dev.compilekit.tensorrt.version-compatible": options.get("version_compatible"),
         "dev.compilekit.stopped-after": manifest.get("stopped_after"),
+        "dev.compilekit.ort.providers": ",".join(options.get("providers") or ["cpu"])
+        if target.get("backend") == "onnxruntime" else None,
     }
     return {k: (json.dumps(v) if isinstance(v, bool) else str(v)) for k, v in values.items() if v is not None}
 

@@ -272,15 +272,22 @@ def push(pkg: Package, ref: OciRef, *, insecure: bool = False, progress: Callabl
             "bytes": sum(b.size for b in pkg.blobs)}
 
 
-def pull(ref: OciRef, store: Any, *, insecure: bool = False,
+def pull(ref: OciRef, store: Any, *, insecure: bool = False, force: bool = False,
          progress: Callable[[int, int], None] | None = None) -> tuple[Any, str]:
     """Download an artifact into `store` (a LocalStore): every blob hash-checked, the files committed
-    atomically, and the stored id must be the id the config names. Returns (Artifact, manifest digest)."""
+    atomically, and the stored id must be the id the config names. Returns (Artifact, manifest digest).
+    An artifact that does not fit this machine (its annotations say why) is refused before any blob is
+    downloaded, unless `force`."""
+    from .compat import incompatibilities
     from .oci import TITLE, parse_manifest
 
     client = RegistryClient(ref, insecure=insecure)
     data, digest = client.get_manifest()
     body = parse_manifest(data)
+    reasons = incompatibilities(body.get("annotations") or {})
+    if reasons and not force:
+        raise ArtifactError(f"{ref} does not fit this machine: " + "; ".join(reasons),
+                            hint="pull it where it runs, or pass --force to download it anyway")
     total = sum(int(d.get("size", 0)) for d in [body["config"], *body.get("layers", [])])
     done = [0]
 

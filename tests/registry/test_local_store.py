@@ -248,3 +248,29 @@ def test_concurrent_commits_processes(tmp_path):
             ids = {p.get(timeout=60) for p in pending}
     assert len(ids) == 1 and len(stored_dirs(tmp_path)) == 1
     LocalStore(tmp_path).resolve(ids.pop()).verify()
+
+
+def test_gc_removes_broken_entries_and_stale_staging_only(tmp_path):
+    import os
+    import time
+
+    from click.testing import CliRunner
+
+    from compilekit.cli import cli
+
+    store = LocalStore(tmp_path)
+    keep = put(store)
+    gone = put(store, {"model.onnx": b"other"}, name="other")
+    (gone.path / MANIFEST).unlink()  # broken: no manifest
+    old = tmp_path / ".tmp" / "stage-crashed"
+    old.mkdir(parents=True)
+    (old / "model.onnx").write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    young = tmp_path / ".tmp" / "stage-running"
+    young.mkdir()
+    out = CliRunner().invoke(cli, ["artifacts", "gc", "--registry", str(tmp_path)])
+    assert out.exit_code == 0 and "removed 1 broken entries and 1 stale staging dirs" in out.output
+    assert stored_dirs(tmp_path) == [keep.id.removeprefix("sha256:")]
+    assert not old.exists() and young.exists()  # a compile still staging keeps its directory
+    out = CliRunner().invoke(cli, ["artifacts", "rm", keep.id, "--registry", str(tmp_path)])
+    assert out.exit_code == 0 and stored_dirs(tmp_path) == []
