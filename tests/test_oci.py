@@ -214,3 +214,18 @@ def test_an_engine_artifact_is_refused_where_tensorrt_is_missing(registry, tmp_p
     pulled, _ = pull(ref, other, insecure=True, force=True)
     with pytest.raises(ArtifactError, match="does not fit this machine"):
         load_artifact(pulled.id, registry=other.root)
+
+
+def test_oras_pulls_what_we_push(registry, tmp_path):
+    """Another OCI client (oras-py) reads our artifact: every layer lands under its title, byte for byte."""
+    import oras.client
+
+    store = LocalStore(tmp_path / "a")
+    artifact = _artifact(store, {"model.onnx": b"graph" * 100, "model.onnx.data": 3 << 20, "tokenizer/vocab.txt": b"a\nb"})
+    ref = OciRef.parse(f"oci://{registry.host}/models/oras:v1")
+    push(package(artifact), ref, insecure=True)
+    client = oras.client.OrasClient(hostname=registry.host, insecure=True)
+    out = tmp_path / "oras"
+    client.pull(target=f"{registry.host}/models/oras:v1", outdir=str(out))
+    for rel in artifact.manifest["files"]:
+        assert (out / rel).read_bytes() == (artifact.path / rel).read_bytes(), rel
