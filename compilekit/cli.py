@@ -480,10 +480,12 @@ def artifacts_rm(ref: str, registry: Path | None) -> None:
 @artifacts.command("gc")
 @registry_option
 def artifacts_gc(registry: Path | None) -> None:
-    """Delete broken store entries and staging leftovers of crashed compiles (older than an hour)."""
+    """Delete broken store entries, staging leftovers of crashed compiles (older than an hour) and OCI blobs no
+    manifest references."""
     def go() -> None:
         removed = _store(registry).gc()
-        err.print(f"removed {removed['broken']} broken entries and {removed['stale_staging']} stale staging dirs")
+        err.print(f"removed {removed['broken']} broken entries, {removed['stale_staging']} stale staging dirs and "
+                  f"{removed['blobs']} unreferenced blobs")
 
     _run(go)
 

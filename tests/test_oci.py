@@ -66,6 +66,8 @@ def test_compiled_artifact_round_trip(registry, tiny_recipe, tmp_path):
     assert out.exit_code == 0, out.output
     digest = out.stdout.strip().splitlines()[-1]
     assert digest == package(artifact).digest
+    local = [e["digest"] for e in store.index()["manifests"] if e["annotations"]["dev.compilekit.id"] == artifact.id]
+    assert local == [digest]  # the local OCI layout holds the very manifest bytes the registry got
     # The registry holds our manifest bytes, with the artifact type and one titled layer per file.
     manifest = requests.get(f"http://{registry.host}/v2/models/tiny/manifests/latest",
                             headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
@@ -78,7 +80,7 @@ def test_compiled_artifact_round_trip(registry, tiny_recipe, tmp_path):
     assert out.exit_code == 0, out.output
     pulled = other.resolve(artifact.id)
     assert _same_files(artifact.path, pulled.path)
-    assert package(pulled).digest == digest
+    assert package(pulled).digest == digest and other.index()["manifests"][0]["digest"] == digest
     # Pushing again uploads nothing: every blob is there.
     again = push(package(artifact), OciRef.parse(dest), insecure=True)
     assert again["uploaded"] == 0

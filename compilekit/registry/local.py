@@ -1,10 +1,15 @@
-"""The local artifact store: one directory per content-addressed id.
+"""The local artifact store: one directory per content-addressed id, and an OCI image layout of the same.
 
-    root/sha256/<hex>/manifest.json + files
-    root/.tmp/                              staging for in-progress writes
+    root/sha256/<hex>/manifest.json + files   the working view (what runners load)
+    root/oci-layout, root/index.json           an OCI image layout: each artifact's OCI manifest (the same
+    root/blobs/sha256/<digest>                 bytes `compilekit push` uploads), config and file blobs;
+                                               index entries tagged `org.opencontainers.image.ref.name`
+                                               = name:version (the newest artifact of that name holds it)
+    root/.tmp/                                 staging for in-progress writes
 
-Every write is staged under `.tmp` (same filesystem) and renamed into place, so `sha256/` only
-ever holds complete artifacts, even under Ctrl-C or two processes committing at once.
+Every write is staged under `.tmp` (same filesystem) and renamed into place, so `sha256/` and `blobs/`
+only ever hold complete files, even under Ctrl-C or two processes committing at once; `index.json` is
+rewritten under a lock. File blobs are hard links to the artifact's files, so the layout costs no space.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from pathlib import Path
 
 from compilekit.artifact import MANIFEST, Artifact, compute_id, hash_files
 from compilekit.errors import ArtifactError
+
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+ID_NOTE = "dev.compilekit.id"
 
 ENV_VAR = "COMPILEKIT_REGISTRY"
 MIN_PREFIX = 6
@@ -49,6 +58,7 @@ class LocalStore:
         self.root = Path(root)
         self._objects = self.root / "sha256"
         self._tmp = self.root / ".tmp"
+        self._blobs = self.root / "blobs" / "sha256"
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -114,7 +124,7 @@ class LocalStore:
                     continue
             else:
                 _fsync_dir(self._objects)
-                return Artifact(dest, manifest)
+                return self._publish(Artifact(dest, manifest))
             try:
                 intact = hash_files(dest) == manifest["files"]
             except OSError:  # removed while we were hashing it
@@ -133,10 +143,111 @@ class LocalStore:
             except FileNotFoundError:  # removed just now; the staged copy can still go in
                 continue
             shutil.rmtree(staged, ignore_errors=True)
-            return Artifact(dest, manifest)
+            return self._publish(Artifact(dest, manifest))
         raise ArtifactError(f"could not store {manifest['id']} under {self._objects}: {err}",
                             hint="check permissions and free space; if another process is removing the same "
                                  "artifact, retry")
+
+    # ----------------------------------------------------------------------------- OCI image layout
+    @contextmanager
+    def _index_lock(self) -> Iterator[None]:
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".index.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def index(self) -> dict:
+        try:
+            return json.loads((self.root / "index.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": []}
+
+    def _write_atomic(self, dest: Path, data: bytes) -> None:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="write-", dir=self._tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _put_blob(self, digest: str, *, data: bytes | None = None, source: Path | None = None) -> None:
+        dest = self._blobs / digest.removeprefix("sha256:")
+        if source is not None:
+            # A hard link to the artifact's (just hashed) file. A blob that exists but is another inode may be
+            # a stale copy of a repaired artifact: replace it.
+            if dest.exists() and os.path.samefile(dest, source):
+                return
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            tmp = self._tmp / f"blob-{uuid.uuid4().hex}"
+            try:
+                os.link(source, tmp)
+            except OSError:  # another filesystem, or no hard links: copy
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, dest)
+        elif not dest.exists():
+            self._write_atomic(dest, data or b"")
+
+    def _publish(self, artifact: Artifact) -> Artifact:
+        """Write the artifact's OCI manifest, config and file blobs into the layout and (re)point its index
+        entry; the tag name:version moves to it."""
+        from compilekit.registry.oci import ARTIFACT_TYPE, MANIFEST_TYPE, package
+
+        pkg = package(artifact)
+        tag = f"{artifact.name}:{artifact.version}"
+        entry = {"mediaType": MANIFEST_TYPE, "digest": pkg.digest, "size": len(pkg.manifest),
+                 "artifactType": ARTIFACT_TYPE, "annotations": {REF_NAME: tag, ID_NOTE: artifact.id}}
+        with self._index_lock():  # blobs too: gc must never see a blob that is written but not yet indexed
+            self._blobs.mkdir(parents=True, exist_ok=True)
+            for blob in pkg.layers:
+                self._put_blob(blob.digest, source=blob.path)
+            self._put_blob(pkg.config.digest, data=pkg.config.data)
+            self._put_blob(pkg.digest, data=pkg.manifest)
+            index = self.index()
+            kept = []
+            for e in index.get("manifests", []):
+                notes = dict(e.get("annotations") or {})
+                if notes.get(ID_NOTE) == artifact.id:
+                    continue  # this artifact's previous manifest (an older verification)
+                if notes.get(REF_NAME) == tag:
+                    notes.pop(REF_NAME)  # the tag moves to the newest artifact of this name:version
+                    e = {**e, "annotations": notes}
+                kept.append(e)
+            index["manifests"] = [*kept, entry]
+            self._write_atomic(self.root / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+            self._write_atomic(self.root / "index.json", json.dumps(index, indent=2).encode())
+        return artifact
+
+    def _unpublish(self, artifact_id: str) -> None:
+        if not (self.root / "index.json").exists():
+            return
+        with self._index_lock():
+            index = self.index()
+            index["manifests"] = [e for e in index.get("manifests", [])
+                                  if (e.get("annotations") or {}).get(ID_NOTE) != artifact_id]
+            self._write_atomic(self.root / "index.json", json.dumps(index, indent=2).encode())
+
+    def _referenced_blobs(self) -> set[str]:
+        refs: set[str] = set()
+        for entry in self.index().get("manifests", []):
+            refs.add(entry["digest"])
+            path = self._blobs / entry["digest"].removeprefix("sha256:")
+            try:
+                body = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            refs.add(body.get("config", {}).get("digest", ""))
+            refs.update(layer.get("digest", "") for layer in body.get("layers", []))
+        return refs
 
     def _scan(self) -> tuple[list[Artifact], list[tuple[Path, str]]]:
         good: list[Artifact] = []
@@ -224,7 +335,7 @@ class LocalStore:
         crashed or killed compile's; a running compile's staging dir is younger and stays)."""
         import time
 
-        removed = {"broken": 0, "stale_staging": 0}
+        removed = {"broken": 0, "stale_staging": 0, "blobs": 0}
         for path, _reason in self.list_broken():
             trash = self._tmp / f"broken-{uuid.uuid4().hex}"
             self._tmp.mkdir(parents=True, exist_ok=True)
@@ -233,6 +344,7 @@ class LocalStore:
             except OSError:
                 continue
             shutil.rmtree(trash, ignore_errors=True)
+            self._unpublish(f"sha256:{path.name}")
             removed["broken"] += 1
         if self._tmp.is_dir():
             now = time.time()
@@ -244,6 +356,13 @@ class LocalStore:
                 if old:
                     (shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True))
                     removed["stale_staging"] += 1
+        if self._blobs.is_dir():
+            with self._index_lock():  # no commit may publish between the scan and the delete
+                referenced = self._referenced_blobs()
+                for blob in self._blobs.iterdir():
+                    if f"sha256:{blob.name}" not in referenced:
+                        blob.unlink(missing_ok=True)
+                        removed["blobs"] += 1
         return removed
 
     def remove(self, ref: str) -> Artifact:
@@ -256,4 +375,5 @@ class LocalStore:
         except FileNotFoundError:
             raise ArtifactError(f"{art.id} was removed by someone else meanwhile", hint=_LIST_HINT) from None
         shutil.rmtree(trash, ignore_errors=True)
+        self._unpublish(art.id)
         return art

@@ -269,8 +269,44 @@ def test_gc_removes_broken_entries_and_stale_staging_only(tmp_path):
     young = tmp_path / ".tmp" / "stage-running"
     young.mkdir()
     out = CliRunner().invoke(cli, ["artifacts", "gc", "--registry", str(tmp_path)])
-    assert out.exit_code == 0 and "removed 1 broken entries and 1 stale staging dirs" in out.output
+    assert out.exit_code == 0 and "removed 1 broken entries, 1 stale staging dirs and 3 unreferenced blobs" in out.output
     assert stored_dirs(tmp_path) == [keep.id.removeprefix("sha256:")]
     assert not old.exists() and young.exists()  # a compile still staging keeps its directory
     out = CliRunner().invoke(cli, ["artifacts", "rm", keep.id, "--registry", str(tmp_path)])
     assert out.exit_code == 0 and stored_dirs(tmp_path) == []
+
+
+def test_store_is_an_oci_image_layout(tmp_path):
+    """The store root is an OCI image layout: each artifact's manifest (the bytes push uploads), config and
+    file blobs (hard links, no copies), and an index whose name:version tag moves to the newest artifact."""
+    import hashlib
+    import os
+
+    from compilekit.registry.oci import ARTIFACT_TYPE, package
+
+    store = LocalStore(tmp_path)
+    first = put(store, {"model.onnx": b"graph", "weights/model.onnx.data": b"w" * 1000})
+    assert json.loads((tmp_path / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+    index = json.loads((tmp_path / "index.json").read_text())
+    (entry,) = index["manifests"]
+    assert entry["digest"] == package(first).digest and entry["artifactType"] == ARTIFACT_TYPE
+    assert entry["annotations"]["org.opencontainers.image.ref.name"] == "tiny:1"
+    blobs = tmp_path / "blobs" / "sha256"
+    for blob in blobs.iterdir():  # every blob is named by its content
+        assert f"sha256:{hashlib.sha256(blob.read_bytes()).hexdigest()}" == f"sha256:{blob.name}"
+    body = json.loads((blobs / entry["digest"].removeprefix("sha256:")).read_bytes())
+    data_digest = first.manifest["files"]["weights/model.onnx.data"]
+    assert os.path.samefile(blobs / data_digest.removeprefix("sha256:"), first.path / "weights" / "model.onnx.data")
+    assert {layer["digest"] for layer in body["layers"]} == set(first.manifest["files"].values())
+    # Same name:version, new content: the tag moves; the older manifest stays, untagged.
+    second = put(store, {"model.onnx": b"graph v2"})
+    index = json.loads((tmp_path / "index.json").read_text())
+    tags = {e["annotations"]["dev.compilekit.id"]: e["annotations"].get("org.opencontainers.image.ref.name")
+            for e in index["manifests"]}
+    assert tags == {first.id: None, second.id: "tiny:1"}
+    # Removing an artifact drops its entry; gc then deletes the blobs only it used.
+    store.remove(first.id)
+    assert [e["annotations"]["dev.compilekit.id"] for e in json.loads((tmp_path / "index.json").read_text())["manifests"]] \
+        == [second.id]
+    assert store.gc()["blobs"] == 4  # first's manifest, config, weights blob and its model.onnx
+    assert (blobs / package(second).digest.removeprefix("sha256:")).exists()
