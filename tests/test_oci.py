@@ -231,3 +231,40 @@ def test_oras_pulls_what_we_push(registry, tmp_path):
     client.pull(target=f"{registry.host}/models/oras:v1", outdir=str(out))
     for rel in artifact.manifest["files"]:
         assert (out / rel).read_bytes() == (artifact.path / rel).read_bytes(), rel
+
+
+def test_basic_auth_from_the_environment_and_docker_config(tmp_path, monkeypatch):
+    """A registry with htpasswd auth: no credentials is a clear 401 error; credentials from the environment,
+    or from a docker-style config.json, answer the Basic challenge."""
+    import base64
+    import json
+
+    from compilekit.registry.remote import RegistryError
+
+    if not available():
+        pytest.skip("Debian's docker-registry is not installed (`apt-get install docker-registry`)")
+    pytest.importorskip("bcrypt", reason="the test registry's htpasswd file needs bcrypt (a test extra)")
+    server = LocalRegistry(tmp_path / "server", users={"alice": "s3cret"})
+    server.start()
+    try:
+        store = LocalStore(tmp_path / "a")
+        artifact = _artifact(store, {"model.onnx": b"graph"})
+        ref = OciRef.parse(f"oci://{server.host}/team/model:v1")
+        monkeypatch.delenv("COMPILEKIT_REGISTRY_USERNAME", raising=False)
+        monkeypatch.delenv("COMPILEKIT_REGISTRY_PASSWORD", raising=False)
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+        with pytest.raises(RegistryError, match="401") as info:
+            push(package(artifact), ref, insecure=True)
+        assert "COMPILEKIT_REGISTRY_USERNAME" in info.value.hint
+        monkeypatch.setenv("COMPILEKIT_REGISTRY_USERNAME", "alice")
+        monkeypatch.setenv("COMPILEKIT_REGISTRY_PASSWORD", "s3cret")
+        assert push(package(artifact), ref, insecure=True)["uploaded"] == 2
+        monkeypatch.delenv("COMPILEKIT_REGISTRY_USERNAME")
+        monkeypatch.delenv("COMPILEKIT_REGISTRY_PASSWORD")
+        (tmp_path / "docker").mkdir()
+        auth = base64.b64encode(b"alice:s3cret").decode()
+        (tmp_path / "docker" / "config.json").write_text(json.dumps({"auths": {server.host: {"auth": auth}}}))
+        pulled, _ = pull(ref, LocalStore(tmp_path / "b"), insecure=True)
+        assert _same_files(artifact.path, pulled.path)
+    finally:
+        server.kill()

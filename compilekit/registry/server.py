@@ -20,7 +20,9 @@ def available() -> bool:
 
 
 class LocalRegistry:
-    def __init__(self, root: Path) -> None:
+    """`users`: {name: password} turns on htpasswd (Basic) auth (bcrypt hashes; needs the `bcrypt` package)."""
+
+    def __init__(self, root: Path, users: dict[str, str] | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -31,6 +33,13 @@ class LocalRegistry:
             "version: 0.1\nlog: {level: error}\n"
             f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}, delete: {{enabled: true}}}}\n"
             f"http: {{addr: 127.0.0.1:{self.port}}}\n")
+        if users:
+            import bcrypt
+
+            lines = [f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=5)).decode()}" for u, p in users.items()]
+            (root / "htpasswd").write_text("\n".join(lines) + "\n")
+            with open(self.config, "a") as f:
+                f.write(f"auth: {{htpasswd: {{realm: compilekit, path: {root / 'htpasswd'}}}}}\n")
         self.process: subprocess.Popen | None = None
 
     @property
@@ -44,7 +53,7 @@ class LocalRegistry:
 
         for _ in range(100):
             try:
-                if requests.get(f"http://{self.host}/v2/", timeout=1).status_code == 200:
+                if requests.get(f"http://{self.host}/v2/", timeout=1).status_code in (200, 401):
                     return
             except requests.ConnectionError:
                 time.sleep(0.1)
