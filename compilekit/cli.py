@@ -396,14 +396,13 @@ def artifacts_show(ref: str, registry: Path | None) -> None:
     _run(go)
 
 
-def _transfer_progress(label: str, total: int):
-    """A rich progress bar over bytes; returns (callback(advance_bytes), context manager)."""
+def _transfer_progress(label: str, total: int | None = None):
+    """A rich progress bar over bytes (a context manager) and its task id."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    console=err, transient=True)
-    task = bar.add_task(label, total=total)
-    return (lambda n: bar.advance(task, n)), bar
+    return bar, bar.add_task(label, total=total)
 
 
 def _push_artifact(artifact, destination: str, insecure: bool) -> str:
@@ -415,10 +414,10 @@ def _push_artifact(artifact, destination: str, insecure: bool) -> str:
     target = OciRef.parse(destination)
     artifact.verify()  # never upload files that no longer match their digests
     pkg = package(artifact)
-    advance, bar = _transfer_progress(f"push {artifact.name}", sum(b.size for b in pkg.blobs))
+    bar, task = _transfer_progress(f"push {artifact.name}", sum(b.size for b in pkg.blobs))
     start = time.perf_counter()
     with bar:
-        result = push_package(pkg, target, insecure=insecure, progress=advance)
+        result = push_package(pkg, target, insecure=insecure, progress=lambda n: bar.advance(task, n))
     seconds = time.perf_counter() - start
     err.print(f"[green]pushed[/green] {artifact.id} to {target} as {result['digest']}: {result['uploaded']} of "
               f"{result['blobs']} blobs uploaded, {result['bytes'] / 2**20:.1f} MiB in all ({seconds:.1f}s)")
@@ -451,11 +450,8 @@ def pull(source: str, registry: Path | None, insecure: bool, force: bool) -> Non
         from .registry.remote import pull as pull_artifact
 
         ref = OciRef.parse(source)
-        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      console=err, transient=True) as bar:
-            task = bar.add_task(f"pull {ref.repository}", total=None)
+        bar, task = _transfer_progress(f"pull {ref.repository}")
+        with bar:
             artifact, digest = pull_artifact(ref, _store(registry), insecure=insecure, force=force,
                                              progress=lambda done, total: bar.update(task, completed=done, total=total))
         err.print(f"[green]pulled[/green] {ref} ({digest}) -> {artifact.name}:{artifact.version} {artifact.id} at "

@@ -8,11 +8,25 @@ an operator declare it here; targets pick up the translations with `translation_
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 
 import torch
 
 FLAVORS = ("onnxruntime", "tensorrt")
+
+# The opset being lowered to, for the few translations whose best form depends on it (TensorScatter needs 24).
+_LOWERING_OPSET: contextvars.ContextVar[int | None] = contextvars.ContextVar("compilekit_lowering_opset", default=None)
+
+
+@contextlib.contextmanager
+def lowering_opset(opset: int):
+    token = _LOWERING_OPSET.set(opset)
+    try:
+        yield
+    finally:
+        _LOWERING_OPSET.reset(token)
 
 _TRANSLATIONS: dict[str, dict[torch._ops.OpOverload, Callable]] = {flavor: {} for flavor in FLAVORS}
 
@@ -239,6 +253,54 @@ def _position_mask(key_len: int, positions: torch.Tensor, window: int) -> torch.
     return mask
 
 
+# compilekit::kv_update(past, new, cache_position, seq_axis) -> present
+#   A static cache buffer with the step's rows written at `cache_position` ([S], consecutive positions, the
+#   same for the whole batch) along `seq_axis`. Its own op so the tensorrt flavor can write it as opset-24
+#   TensorScatter (TensorRT's in-place KV-cache update); elsewhere it is index_copy (ScatterND).
+
+
+@torch.library.custom_op("compilekit::kv_update", mutates_args=())
+def kv_update(past: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor, seq_axis: int) -> torch.Tensor:
+    return past.index_copy(seq_axis, cache_position, new)
+
+
+@kv_update.register_fake
+def _kv_update_fake(past, new, cache_position, seq_axis):
+    return past.new_empty(past.shape)
+
+
+def _kv_update_as_index_copy(past, new, cache_position, seq_axis: int):
+    return past.index_copy(seq_axis, cache_position, new)
+
+
+def _kv_update_trt(past, new, cache_position, seq_axis: int):
+    if _tensor_scatter_fits(seq_axis):
+        return NotImplemented  # lowered by the TensorScatter translation
+    return past.index_copy(seq_axis, cache_position, new)
+
+
+def _tensor_scatter_fits(seq_axis: int) -> bool:
+    """TensorScatter exists from opset 24, and TensorRT takes it on the axis -2 of a 4-D cache only."""
+    opset = _LOWERING_OPSET.get()
+    return opset is not None and opset >= 24 and seq_axis == 2
+
+
+def _kv_update_tensor_scatter(past, new, cache_position, seq_axis: int):
+    from onnxscript import opset18 as op18
+    from onnxscript.values import Opset
+
+    op24 = Opset("", 24)
+    start = op18.Slice(cache_position, op18.Constant(value_ints=[0]), op18.Constant(value_ints=[1]))
+    write_indices = op18.Expand(start, op18.Shape(past, start=0, end=1))  # [B]: every row from the same position
+    return op24.TensorScatter(past, new, write_indices, axis=-2)
+
+
+register_decomposition("onnxruntime", torch.ops.compilekit.kv_update.default)(_kv_update_as_index_copy)
+register_decomposition("tensorrt", torch.ops.compilekit.kv_update.default,
+                       when=lambda node: not _tensor_scatter_fits(node.args[3]))(_kv_update_trt)
+register_translation("tensorrt", torch.ops.compilekit.kv_update.default)(_kv_update_tensor_scatter)
+
+
 def _cached_update(q, k, v, past_k, past_v, cache_position, cos, sin, layout: str, cache: str, window: int,
                    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
     """Everything of cached_attention but the attention itself: rotary, the cache update, and the keys, values
@@ -254,8 +316,8 @@ def _cached_update(q, k, v, past_k, past_v, cache_position, cos, sin, layout: st
         present_v = torch.cat([past_v, new_v], dim=seq_axis)
         positions = torch.arange(q.shape[2], device=q.device) + past_k.shape[seq_axis]
     else:
-        present_k = past_k.index_copy(seq_axis, cache_position, new_k)
-        present_v = past_v.index_copy(seq_axis, cache_position, new_v)
+        present_k = torch.ops.compilekit.kv_update(past_k, new_k, cache_position, seq_axis)
+        present_v = torch.ops.compilekit.kv_update(past_v, new_v, cache_position, seq_axis)
         positions = cache_position
     keys = load_cache(_cache_to_bhsd(present_k, layout), q.dtype, k_scale)
     values = load_cache(_cache_to_bhsd(present_v, layout), q.dtype, v_scale)

@@ -280,10 +280,12 @@ def test_text_generation_recipe_needs_a_past_dim(tmp_path):
         load_recipe(path)
 
 
-@pytest.mark.parametrize("options", [{"cache": "concat"}, {"cache": "static"}], ids=lambda o: o["cache"])
-def test_tensorrt_flavor_is_standard_onnx_with_cache_pairs(decoder, options, tmp_path):
-    """tensorrt flavor: no contrib ops; the cache stays an input/output pair per tensor; ORT runs the same
-    standard ONNX and it matches eager on a prefill and a decode step."""
+@pytest.mark.parametrize("options,opset", [({"cache": "concat"}, 23), ({"cache": "static"}, 23),
+                                           ({"cache": "static"}, 24)], ids=["concat", "static", "static-opset24"])
+def test_tensorrt_flavor_is_standard_onnx_with_cache_pairs(decoder, options, opset, tmp_path):
+    """tensorrt flavor: no contrib ops; the cache stays an input/output pair per tensor (a static one updated
+    by ScatterND, or at opset 24 by TensorScatter, TensorRT's in-place KV update); ORT runs the same standard
+    ONNX and it matches eager on a prefill and a decode step."""
     import onnx
     import onnxruntime as ort
 
@@ -292,11 +294,17 @@ def test_tensorrt_flavor_is_standard_onnx_with_cache_pairs(decoder, options, tmp
     _model, adapter, program = decoder
     new = get_pass("kv.layout")(options)(program).program
     path = tmp_path / "model.onnx"
-    lower_to_onnx(new, path, opset=23, flavor="tensorrt")
+    lower_to_onnx(new, path, opset=opset, flavor="tensorrt")
     model = onnx.load(str(path))
     domains = {n.domain for n in model.graph.node}
     assert domains <= {"", "ai.onnx"}, domains
     assert sum(n.op_type == "Attention" for n in model.graph.node) == 2
+    scatters = [n.op_type for n in model.graph.node if "Scatter" in n.op_type]
+    if options["cache"] == "static":
+        assert scatters == ["TensorScatter" if opset >= 24 else "ScatterND"] * 4, scatters
+    from compilekit.trtcheck import check_model
+
+    assert check_model(model).ok, check_model(model).summary()
     assert [o.name for o in model.graph.output][1:] == [t.name for t in new.outputs][1:]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     layout = KVLayout.from_dict(new.kv_layout)

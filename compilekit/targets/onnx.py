@@ -51,6 +51,13 @@ def lower_to_onnx(program: Program, path: Path, *, opset: int, flavor: str, exte
                             hint="raise target.options.opset (e.g. 21)")
     if external_data is None:
         external_data = program.summary().parameter_bytes > EXTERNAL_DATA_BYTES
+    with ops.lowering_opset(opset):
+        return _lower(program, path, opset=opset, flavor=flavor, external_data=external_data, table=table,
+                      decompositions=decompositions)
+
+
+def _lower(program: Program, path: Path, *, opset: int, flavor: str, external_data: bool, table, decompositions
+           ) -> list[Path]:
     ep = program.ep
     # This flavor lowers these ops by rewriting them into ATen that the exporter and ONNX-level fusions
     # already turn into the fastest form (ops.register_decomposition). A decomposition may emit another

@@ -37,8 +37,9 @@ class ProfileDim(BaseModel):
 
 
 class TensorRTOptions(TargetOptions):
-    opset: int = Field(23, ge=17, le=24, description="ONNX opset of the TensorRT-flavor ONNX (23: standard "
-                       "Attention / RMSNormalization; the parser takes 9-24).")
+    opset: int = Field(24, ge=17, le=24, description="ONNX opset of the TensorRT-flavor ONNX (23: standard "
+                       "Attention / RMSNormalization; 24: a static KV cache updated by TensorScatter, TensorRT's "
+                       "in-place cache update; the parser takes 9-24).")
     profiles: list[dict[str, ProfileDim]] | None = Field(
         None, description="Optimization profiles, each a map of dim name -> {min, opt, max} within the recipe's "
         "dims (dims a profile leaves out take the recipe's range). Default: one profile, the recipe's dims.")
