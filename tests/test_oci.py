@@ -274,3 +274,58 @@ def test_basic_auth_from_the_environment_and_docker_config(tmp_path, monkeypatch
         assert _same_files(artifact.path, pulled.path)
     finally:
         server.kill()
+
+
+def test_bearer_token_challenge(tmp_path, monkeypatch):
+    """A registry that answers 401 with a Bearer challenge: the client fetches a token from the realm (with the
+    scope the challenge names and the configured credentials) and retries with it. A small stand-in server:
+    the distribution server needs a signing token service for this, which the tests do not run."""
+    import base64
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: dict[str, list] = {"token_requests": [], "authorized": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path.startswith("/token"):
+                seen["token_requests"].append((self.path, self.headers.get("Authorization")))
+                body = json.dumps({"token": "t0ken"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            if self.headers.get("Authorization") != "Bearer t0ken":
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", f'Bearer realm="http://{host}/token",service="test",'
+                                 'scope="repository:team/model:pull"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            seen["authorized"].append(self.path)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    host = f"127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("COMPILEKIT_REGISTRY_USERNAME", "bob")
+        monkeypatch.setenv("COMPILEKIT_REGISTRY_PASSWORD", "pw")
+        from compilekit.registry.remote import RegistryClient
+
+        client = RegistryClient(OciRef.parse(f"oci://{host}/team/model:v1"), insecure=True)
+        assert client.has_blob("sha256:" + "0" * 64) is False  # 404 after authenticating
+        (path, auth), = seen["token_requests"]
+        assert "scope=repository%3Ateam%2Fmodel%3Apull" in path and "service=test" in path
+        assert auth == "Basic " + base64.b64encode(b"bob:pw").decode()
+        assert seen["authorized"] == ["/v2/team/model/blobs/sha256:" + "0" * 64]
+    finally:
+        server.shutdown()
