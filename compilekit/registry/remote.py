@@ -111,17 +111,16 @@ class RegistryClient:
     def _url(self, path: str) -> str:
         return urljoin(self.base, path)
 
-    def _request(self, method: str, url: str, *, ok: tuple[int, ...], data: Any = None,
-                 headers: dict[str, str] | None = None, stream: bool = False, rewind: Callable[[], Any] | None = None):
+    def _request(self, method: str, url: str, *, ok: tuple[int, ...], data: bytes | None = None,
+                 headers: dict[str, str] | None = None, stream: bool = False):
         import requests
 
         url = self._url(url)
         last: str = ""
-        for attempt in range(self.retries):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-                if rewind is not None:
-                    data = rewind()
+        failures = challenges = 0
+        while failures < self.retries:
+            if failures:
+                time.sleep(self.backoff * 2 ** (failures - 1))
             all_headers = dict(headers or {})
             if self._auth_header:
                 all_headers["Authorization"] = self._auth_header
@@ -129,14 +128,13 @@ class RegistryClient:
                 response = self.session.request(method, url, data=data, headers=all_headers, stream=stream,
                                                 timeout=(10, 300), allow_redirects=True)
             except (requests.ConnectionError, requests.Timeout) as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last, failures = f"{type(exc).__name__}: {exc}", failures + 1
                 continue
-            if response.status_code == 401 and self._authenticate(response):
-                if rewind is not None:
-                    data = rewind()
-                continue
+            if response.status_code == 401 and challenges < 2 and self._authenticate(response):
+                challenges += 1
+                continue  # answered the challenge: send again at once
             if response.status_code >= 500:
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
+                last, failures = f"HTTP {response.status_code}: {response.text[:200]}", failures + 1
                 continue
             if response.status_code not in ok:
                 raise RegistryError(f"{method} {url} -> HTTP {response.status_code}: {response.text[:300]}",
