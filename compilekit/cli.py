@@ -500,8 +500,10 @@ def artifacts_gc(registry: Path | None) -> None:
 @click.option("--threads", type=click.IntRange(1), default=None, help="Intra-op threads (default: all cores).")
 @click.option("--registry", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Artifact store (default: ./artifacts or $COMPILEKIT_REGISTRY).")
+@click.option("--force", is_flag=True, help="Load even if the artifact's target does not fit this machine.")
 def generate(artifact: str, prompt: str, max_new_tokens: int, mode: str, temperature: float | None,
-             top_p: float | None, seed: int, raw: bool, threads: int | None, registry: Path | None) -> None:
+             top_p: float | None, seed: int, raw: bool, threads: int | None, registry: Path | None,
+             force: bool) -> None:
     """Generate text with a compiled text-generation ARTIFACT (id, prefix or name[:version]); tokens stream to
     stdout, timings go to stderr."""
     def go() -> None:
@@ -511,7 +513,7 @@ def generate(artifact: str, prompt: str, max_new_tokens: int, mode: str, tempera
         from .generation import load_generator, prompt_ids
 
         _quiet_dependencies()
-        gen = load_generator(artifact, registry=registry, threads=threads)
+        gen = load_generator(artifact, registry=registry, threads=threads, force=force)
         if gen.tokenizer is None:
             raise ArtifactError("this artifact carries no tokenizer, so it cannot take a text prompt",
                                 hint="compile it from a model with a tokenizer")

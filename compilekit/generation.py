@@ -186,7 +186,7 @@ def eos_ids(tokenizer: Any, config: Any = None) -> list[int]:
 
 
 def load_generator(ref: str, *, registry: Path | None = None, threads: int | None = None,
-                   spinning: bool = True) -> Generator:
+                   spinning: bool = True, force: bool = False) -> Generator:
     """A Generator over a stored text-generation artifact (id, name[:version] or artifact directory).
 
     `spinning`: let ORT's worker threads spin between ops. A decode step is hundreds of small ops, and
@@ -195,7 +195,8 @@ def load_generator(ref: str, *, registry: Path | None = None, threads: int | Non
     from .compile import load_artifact
     from .errors import ArtifactError
 
-    artifact, runner = load_artifact(ref, registry=registry, threads=threads, overrides={"spinning": spinning})
+    artifact, runner = load_artifact(ref, registry=registry, threads=threads, overrides={"spinning": spinning},
+                                     force=force)
     kv = (artifact.manifest.get("signature") or {}).get("kv_layout")
     if not kv:
         raise ArtifactError(f"artifact {artifact.id} is not a text-generation model (its manifest has no KV cache "
