@@ -97,8 +97,11 @@ class LocalStore:
             raise
         _fsync_dir(dest)
 
-    def commit(self, staged: Path, manifest: dict) -> Artifact:
+    def commit(self, staged: Path, manifest: dict, *, digests: dict[str, str] | None = None) -> Artifact:
         """Hash `staged`, fill the manifest's `files` and `id`, and move it to root/sha256/<hex>.
+
+        `digests`: the files' digests, already computed from the very bytes written (a pull hashes each
+        blob as it streams it to disk), so they are not hashed a second time; the file names must match.
 
         The caller's dict is not modified; the returned Artifact holds the filled copy. If the id
         is already stored, its files are kept and only its manifest is replaced (the latest
@@ -108,7 +111,15 @@ class LocalStore:
         if not staged.is_dir() or staged.resolve().parent != self._tmp.resolve():
             raise ArtifactError(f"{staged} is not a staging directory of {self.root}",
                                 hint="write the files inside `with store.staging() as staged:` and commit there")
-        manifest = {**manifest, "files": hash_files(staged)}
+        if digests is not None:
+            present = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*")
+                             if p.is_file() and not p.is_symlink() and p != staged / MANIFEST)
+            if present != sorted(digests):
+                raise ArtifactError(f"the staged files {present} are not the files {sorted(digests)} given digests for")
+            files = dict(sorted(digests.items()))
+        else:
+            files = hash_files(staged)
+        manifest = {**manifest, "files": files}
         manifest["id"] = compute_id(manifest)
         dest = self._dir(manifest["id"])
         self._write_manifest(staged, manifest)  # before the rename: sha256/ never holds a manifest-less dir

@@ -301,9 +301,13 @@ def pull(ref: OciRef, store: Any, *, insecure: bool = False, force: bool = False
             manifest = json.loads(config_path.read_bytes())
         finally:
             config_path.unlink(missing_ok=True)
+        digests = {}
         for layer in body.get("layers", []):
-            client.download(layer["digest"], staged / layer["annotations"][TITLE], layer.get("size"), step)
-        artifact = store.commit(staged, {k: v for k, v in manifest.items() if k not in ("id", "files")})
+            title = layer["annotations"][TITLE]
+            client.download(layer["digest"], staged / title, layer.get("size"), step)  # hash-checked as written
+            digests[title] = layer["digest"]
+        artifact = store.commit(staged, {k: v for k, v in manifest.items() if k not in ("id", "files")},
+                                digests=digests)
     if artifact.id != manifest.get("id") or artifact.manifest["files"] != manifest.get("files"):
         store.remove(artifact.id)
         raise ArtifactError(f"{ref} holds files that do not make up artifact {manifest.get('id')} (they make "

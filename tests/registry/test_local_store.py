@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import threading
@@ -310,3 +311,15 @@ def test_store_is_an_oci_image_layout(tmp_path):
         == [second.id]
     assert store.gc()["blobs"] == 4  # first's manifest, config, weights blob and its model.onnx
     assert (blobs / package(second).digest.removeprefix("sha256:")).exists()
+
+
+def test_commit_with_known_digests_needs_the_same_files(tmp_path):
+    store = LocalStore(tmp_path)
+    digest = "sha256:" + hashlib.sha256(b"graph").hexdigest()
+    with store.staging() as staged:
+        (staged / "model.onnx").write_bytes(b"graph")
+        with pytest.raises(ArtifactError, match="not the files"):
+            store.commit(staged, manifest(), digests={"other.onnx": digest})
+        art = store.commit(staged, manifest(), digests={"model.onnx": digest})
+    assert art.manifest["files"] == {"model.onnx": digest}
+    art.verify()
