@@ -107,6 +107,9 @@ def engine_stage(loaded, registry: Path) -> dict:
 
 
 def main() -> None:
+    import warnings
+
+    warnings.simplefilter("ignore")  # dependency deprecation noise would bury the table
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", default=RECIPES)
     parser.add_argument("--runs", type=int, default=50)
@@ -133,7 +136,7 @@ def main() -> None:
                 except Exception as exc:  # one failing stage must not hide the others
                     cells.append({"error": _short(exc)})
             onnx, eager, engine = cells
-            onnx_cell = onnx.get("error") or (f"{onnx['status']} / {onnx['rejected']} / {fmt(onnx['cosine_min'])} / "
+            onnx_cell = onnx.get("error") or (f"{onnx['status']} / {onnx['rejected']} / {onnx['cosine_min']:.6f} / "
                                               f"{onnx['seconds']:.0f}")
             eager_cells = [eager.get("error") or fmt(eager.get(d)) for d in ("float32", "float16", "bfloat16")]
             engine_cell = engine.get("error") or " / ".join(fmt(engine.get(k)) for k in ("status", "build_s", "p50_ms",
