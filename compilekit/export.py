@@ -203,6 +203,54 @@ _HINTS = [
 ]
 
 
+_CONSTRAINT = "Constraints violated"
+
+
+def _export_error(exc: BaseException) -> ExportError:
+    text = str(exc).strip()
+    head = "\n    ".join(text.splitlines()[:12])
+    frame = _user_frame(exc)
+    hint = next((h for key, h in _HINTS if key in text), "run `compilekit inspect` on a smaller config to "
+                "isolate the construct, or report the model")
+    where = f"\n  failing construct: {frame}" if frame else ""
+    return ExportError(f"torch.export failed ({type(exc).__name__}):\n    {head}{where}", hint=hint)
+
+
+def _export_with_dim_hints(adapter: ExportAdapter, args, recipe_inputs, recipe_dims: Mapping[str, Any]):
+    """Second try after a named Dim's "Constraints violated": `Dim.DYNAMIC(min, max)` per axis, then check that
+    every recipe dim kept its whole range and its own symbol. Named Dims make torch prove each guard over the
+    range, and torch 2.11 cannot prove some that hold (GQA `repeat_kv`'s reshape: Min(8*seq, 16*seq) == 8*seq
+    for seq >= 1); hints let it keep such a guard. A guard that really narrows a dim still fails, with the
+    first error. Returns None when the second try does not give the recipe's dims."""
+    hint = getattr(torch.export.Dim, "DYNAMIC", None)
+    if hint is None:
+        return None
+    dynamic = tuple({axis: hint(min=recipe_dims[size].min, max=recipe_dims[size].max)
+                     for axis, size in enumerate(spec.shape) if isinstance(size, str)} or None
+                    for spec in recipe_inputs)
+    try:
+        ep = torch.export.export(adapter, args, dynamic_shapes={"args": dynamic}, strict=False)
+    except Exception:  # the first error is the one to report
+        return None
+    by_name = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    seen: dict[Any, str] = {}
+    for spec, ph_name in zip(recipe_inputs, ep.graph_signature.user_inputs, strict=True):
+        shape = by_name[ph_name].meta["val"].shape
+        for axis, size in enumerate(spec.shape):
+            if not isinstance(size, str):
+                continue
+            if isinstance(shape[axis], int):
+                return None  # specialised to the example size
+            expr = shape[axis].node.expr
+            if seen.setdefault(expr, size) != size:
+                return None  # two recipe dims forced equal
+            bounds, want = ep.range_constraints.get(expr), recipe_dims[size]
+            # A hinted dim's range is reported from 2 (torch's 0/1 specialisation), and size 1 still runs.
+            if bounds is None or bounds.lower > max(want.min, 2) or bounds.upper < want.max:
+                return None  # narrowed
+    return ep
+
+
 def export_program(adapter: ExportAdapter, recipe_inputs, recipe_dims: Mapping[str, Any], *,
                    vocab_size: int | None, seed: int = 0) -> Program:
     """Export `adapter` with one torch Dim per recipe dim and return a runnable Program."""
@@ -219,13 +267,9 @@ def export_program(adapter: ExportAdapter, recipe_inputs, recipe_dims: Mapping[s
     try:
         ep = torch.export.export(adapter, args, dynamic_shapes={"args": dynamic}, strict=False)
     except Exception as exc:  # torch.export raises many unrelated types; all mean "did not export"
-        text = str(exc).strip()
-        head = "\n    ".join(text.splitlines()[:12])
-        frame = _user_frame(exc)
-        hint = next((h for key, h in _HINTS if key in text), "run `compilekit inspect` on a smaller config to "
-                    "isolate the construct, or report the model")
-        where = f"\n  failing construct: {frame}" if frame else ""
-        raise ExportError(f"torch.export failed ({type(exc).__name__}):\n    {head}{where}", hint=hint) from None
+        ep = _export_with_dim_hints(adapter, args, recipe_inputs, recipe_dims) if _CONSTRAINT in str(exc) else None
+        if ep is None:
+            raise _export_error(exc) from None
 
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     user_inputs = ep.graph_signature.user_inputs

@@ -19,6 +19,7 @@ The IR stays runnable in PyTorch (CPU float16 / bfloat16), so the ledger row is 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections import Counter
 from typing import Literal
@@ -160,4 +161,9 @@ class PrecisionPass(Pass):
         from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
         placeholders = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-        FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*placeholders)
+        # Refreshing metadata must not add guards: torch 2.11 cannot prove one that GQA's repeat_kv reshape
+        # raises (Min(8*seq, 16*seq) == 8*seq) and, recording it, specialised seq to its example size (seen on
+        # the GPU image). Suppressed, a guard is answered from the hint and nothing is recorded.
+        shape_env = fake_mode.shape_env
+        with shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext():
+            FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*placeholders)

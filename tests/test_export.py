@@ -193,3 +193,42 @@ def test_failing_construct_is_found_in_a_folder_named_compilekit(tmp_path, monke
     finally:
         monkeypatch.delitem(__import__("sys").modules, "ck_branchy_model", raising=False)
     assert "ck_branchy_model.py:5 in forward: if x.mean() > 0:" in info.value.message
+
+
+# ----------------------------------------------------------------------------- Dim hints fallback
+
+
+class _BranchOnSize(torch.nn.Module):
+    def forward(self, x):
+        if x.shape[0] > 4:  # narrows the batch dim to 5..16: not a guard a second try may keep
+            return x * 2
+        return x
+
+
+def test_a_guard_that_narrows_a_dim_still_fails(export_module):
+    with pytest.raises(ExportError) as info:
+        export_module(_BranchOnSize())
+    assert "Constraints violated" in info.value.message and "restricts a dynamic dim" in info.value.hint
+
+
+def test_rejected_named_dims_fall_back_to_dim_hints(monkeypatch, export_tiny, tiny_configs):
+    """torch 2.11 rejects the tiny Llama's named `seq` Dim over a guard that holds for every seq >= 1 (GQA's
+    repeat_kv reshape); the second try with Dim.DYNAMIC hints must give the same dynamic program. This torch
+    proves that guard, so the first try is made to fail the way 2.11's does."""
+    real_export = torch.export.export
+    calls = []
+
+    def export(module, args, dynamic_shapes=None, **kwargs):
+        calls.append(dynamic_shapes)
+        if len(calls) == 1:
+            raise RuntimeError("Constraints violated (seq)! For more information, run with TORCH_LOGS=\"+dynamic\".")
+        return real_export(module, args, dynamic_shapes=dynamic_shapes, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", export)
+    program, adapter, inputs, _ = export_tiny(tiny_configs["llama"], "causal-lm", ("input_ids", "attention_mask"))
+    assert len(calls) == 2 and not isinstance(calls[1]["args"][0][1], torch.export.Dim)  # hints, not named Dims
+    assert program.outputs[0].shape == ("batch", "seq", 128)
+    for i, (batch, seq) in enumerate(SIZES):
+        data = _data(inputs, batch, seq, seed=i)
+        err = (program.run(data)["logits"] - adapter.named(data)["logits"]).abs().max().item()
+        assert err <= 1e-5, f"batch {batch}, seq {seq}: max abs {err}"

@@ -22,7 +22,8 @@ def _gauss(*shape: int) -> torch.Tensor:
 
 def _session(nodes, inputs, outputs, initializers=()):
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    # IR 10: onnx stamps its newest IR by default, which an older ONNX Runtime (1.30 on the GPU image) refuses.
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 

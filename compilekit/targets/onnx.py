@@ -102,6 +102,7 @@ def _lower(program: Program, path: Path, *, opset: int, flavor: str, external_da
     _name_dims(onnx_program.model, program)
     _drop_stack_traces(onnx_program.model)
     _trim_unused_outputs(onnx_program.model)
+    onnx_program.model.ir_version = lowest_ir_version(onnx_program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
     with quiet_exporter():
@@ -117,6 +118,16 @@ def _lower(program: Program, path: Path, *, opset: int, flavor: str, external_da
     if (path.parent / data_name).exists():
         files.append(path.parent / data_name)
     return files
+
+
+def lowest_ir_version(model) -> int:
+    """The lowest IR version that holds the model's opsets, and at least 10 (int4 types): a tool in the chain
+    (the exporter, a rewriter, a newer onnx) may stamp its own latest IR, which an older ONNX Runtime refuses
+    to load ("Unsupported model IR version: 14, max supported IR version: 13" on ORT 1.30)."""
+    from onnx import helper
+
+    opsets = [helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
+    return max(10, helper.find_min_ir_version_for(opsets, ignore_unknown=True))
 
 
 def _keep_dequantize(node) -> bool | None:

@@ -16,7 +16,7 @@ from ..errors import ArtifactError, LoweringError
 from ..ir import Program
 from ..kvcache import BLOCK_TABLE, CACHE_POSITION, INPUT_IDS, LOGITS, POSITION_IDS, KVLayout, example_steps
 from . import BuildResult, Runner, Target, TargetOptions
-from .onnx import lower_to_onnx
+from .onnx import lower_to_onnx, lowest_ir_version
 
 MODEL_FILE = "model.onnx"
 
@@ -57,6 +57,20 @@ class OnnxRuntimeOptions(TargetOptions):
         "slower than the pair (213 vs 53 us at 2x128x384). SkipSimplifiedLayerNormalization (RMS) is kept.")
 
 
+def has_float8(path: Path) -> bool:
+    """Whether the model holds float8 tensors (fp8 Q/DQ). Reads the graph, not external weight data."""
+    import onnx
+
+    fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+           onnx.TensorProto.FLOAT8E5M2FNUZ}
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # an unreadable file: ORT's own load reports it, as an ArtifactError
+        return False
+    return any(t.data_type in fp8 for t in graph.initializer) or any(
+        a.t.data_type in fp8 for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")
+
+
 class OnnxRuntimeRunner(Runner):
     def __init__(self, path: Path, options: OnnxRuntimeOptions, threads: int | None) -> None:
         import onnxruntime as ort
@@ -74,6 +88,10 @@ class OnnxRuntimeRunner(Runner):
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         start = time.perf_counter()
         disabled = ["SkipLayerNormFusion"] if options.skip_layer_norm == "split" else []
+        if has_float8(path):
+            # ORT 1.30 (the GPU image's) turns an fp8 DQ -> MatMul into MatMulIntegerToFloat, which takes
+            # int8 only, and then refuses its own graph; its CPU has no fp8 kernel for that transformer to pick.
+            disabled.append("QDQSelectorActionTransformer")
         providers = [(_PROVIDERS[p], dict(options.provider_options.get(p, {}))) for p in options.providers]
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=disabled)
@@ -395,6 +413,7 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
     for value in (*model.graph.inputs, *model.graph.outputs):
         if value.name in signature:
             value.shape = signature[value.name]
+    model.ir_version = lowest_ir_version(model)
     written = [out]
     if len(files) > 1:
         ir.save(model, str(out), external_data=files[1].name)
