@@ -57,18 +57,23 @@ class OnnxRuntimeOptions(TargetOptions):
         "slower than the pair (213 vs 53 us at 2x128x384). SkipSimplifiedLayerNormalization (RMS) is kept.")
 
 
-def has_float8(path: Path) -> bool:
-    """Whether the model holds float8 tensors (fp8 Q/DQ). Reads the graph, not external weight data."""
-    import onnx
+_FP8_WORKAROUND = "QDQSelectorActionTransformer"
 
-    fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
-           onnx.TensorProto.FLOAT8E5M2FNUZ}
+
+def open_session(path: Path, so=None, providers=None, disabled: list[str] | None = None):
+    """An InferenceSession of `path`. ORT 1.30 (the GPU image's) turns an fp8 DequantizeLinear -> MatMul into
+    MatMulIntegerToFloat, which takes int8 only, and then refuses its own graph ("Type 'tensor(float8e4m3fn)'
+    ... of operator (MatMulIntegerToFloat) ... is invalid"). Its CPU has no fp8 kernel for that transformer to
+    pick, so such a model is opened again without it. Other models pay nothing for the check."""
+    import onnxruntime as ort
+
+    disabled = list(disabled or [])
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception:  # an unreadable file: ORT's own load reports it, as an ArtifactError
-        return False
-    return any(t.data_type in fp8 for t in graph.initializer) or any(
-        a.t.data_type in fp8 for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")
+        return ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=disabled)
+    except Exception as exc:
+        if "float8" not in str(exc) or _FP8_WORKAROUND in disabled:
+            raise
+    return ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=[*disabled, _FP8_WORKAROUND])
 
 
 class OnnxRuntimeRunner(Runner):
@@ -88,13 +93,9 @@ class OnnxRuntimeRunner(Runner):
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         start = time.perf_counter()
         disabled = ["SkipLayerNormFusion"] if options.skip_layer_norm == "split" else []
-        if has_float8(path):
-            # ORT 1.30 (the GPU image's) turns an fp8 DQ -> MatMul into MatMulIntegerToFloat, which takes
-            # int8 only, and then refuses its own graph; its CPU has no fp8 kernel for that transformer to pick.
-            disabled.append("QDQSelectorActionTransformer")
         providers = [(_PROVIDERS[p], dict(options.provider_options.get(p, {}))) for p in options.providers]
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=disabled)
+            self.session = open_session(path, so, providers, disabled)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {exc}",
                                 hint="the file may be corrupt; `compilekit artifacts show ID` verifies digests") from None

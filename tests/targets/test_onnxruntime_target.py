@@ -105,6 +105,37 @@ def test_load_truncated_model_is_an_artifact_error(built, tmp_path):
     assert info.value.__cause__ is None
 
 
+def test_a_float8_graph_ort_refuses_is_opened_without_its_qdq_transformer(built, monkeypatch):
+    """ORT 1.30 breaks fp8 Q/DQ MatMuls in its QDQ transformer and refuses the result (seen on the GPU image);
+    the runner opens such a model again without that transformer. Any other load error stays an error."""
+    import onnxruntime as ort
+
+    _, out_dir, _ = built
+    real, calls = ort.InferenceSession, []
+
+    def session(path, so=None, providers=None, disabled_optimizers=()):
+        calls.append(list(disabled_optimizers))
+        if "QDQSelectorActionTransformer" not in disabled_optimizers:
+            raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : This is an invalid model. Type Error: Type "
+                               "'tensor(float8e4m3fn)' of input parameter (x) of operator (MatMulIntegerToFloat) is invalid.")
+        return real(path, so, providers=providers, disabled_optimizers=disabled_optimizers)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    runner = OnnxRuntimeTarget({"threads": 1}).load(out_dir)
+    assert calls == [["SkipLayerNormFusion"], ["SkipLayerNormFusion", "QDQSelectorActionTransformer"]]
+    assert runner.session is not None
+
+    def broken(path, so=None, providers=None, disabled_optimizers=()):
+        calls.append(list(disabled_optimizers))
+        raise RuntimeError("INVALID_GRAPH: something else")
+
+    calls.clear()
+    monkeypatch.setattr(ort, "InferenceSession", broken)
+    with pytest.raises(ArtifactError, match="something else"):
+        OnnxRuntimeTarget({"threads": 1}).load(out_dir)
+    assert len(calls) == 1  # no second try for an error that is not about float8
+
+
 def test_options_reject_unknown_keys_and_bad_values():
     with pytest.raises(ValidationError, match="optimisation_level"):
         OnnxRuntimeTarget({"optimisation_level": "all"})
