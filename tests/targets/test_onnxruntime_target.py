@@ -57,6 +57,7 @@ def test_lowered_model_passes_the_checker_with_the_recipes_names(built, bert):
     assert [dims(o) for o in model.graph.output] == [["batch", "seq", 32], ["batch", 32]]
     assert all(i.type.tensor_type.elem_type == onnx.TensorProto.INT64 for i in model.graph.input)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
+    assert model.ir_version == 10  # opset 18's minimum is 8; 10 for int4 types; ORT 1.30 loads up to 13
     nodes = result.info["nodes"]
     assert nodes["LayerNormalization"] == 5 and sum(nodes.values()) == len(model.graph.node)
 
@@ -134,6 +135,20 @@ def test_a_float8_graph_ort_refuses_is_opened_without_its_qdq_transformer(built,
     with pytest.raises(ArtifactError, match="something else"):
         OnnxRuntimeTarget({"threads": 1}).load(out_dir)
     assert len(calls) == 1  # no second try for an error that is not about float8
+
+
+def test_files_carry_the_lowest_ir_version_their_opsets_need():
+    """Not the newest IR the installed onnx knows (14 with onnx 1.23), which ONNX Runtime 1.30 refuses."""
+    import onnx_ir as ir
+
+    from compilekit.targets.onnx import lowest_ir_version
+
+    def model(opsets):
+        return ir.Model(ir.Graph([], [], nodes=[], opset_imports=opsets), ir_version=14)
+
+    assert lowest_ir_version(model({"": 18})) == 10
+    assert lowest_ir_version(model({"": 24})) == 12  # opset 24 came with IR 12 (onnx 1.19)
+    assert lowest_ir_version(model({"": 18, "com.microsoft": 1, "pkg.unknown": 3})) == 10  # unknown domains
 
 
 def test_options_reject_unknown_keys_and_bad_values():
