@@ -403,6 +403,9 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
         packed = _pack_sibling_matmuls(model)
         if packed:
             counts["packed_matmuls"] = packed
+    nibble_pairs = _nbits8_as_nibble_pairs(model)
+    if nibble_pairs:
+        counts["nbits8_as_nibble_pairs"] = nibble_pairs
     if options.pack_matmuls:
         packed_qkv = _gqa_packed_qkv(model)
         if packed_qkv:
@@ -580,6 +583,56 @@ def _pack_sibling_nbits(model) -> int:
     if merged:
         graph.sort()  # users of the old outputs may sit between the siblings
     return merged
+
+
+def _nbits8_as_nibble_pairs(model) -> int:
+    """Rewrite each 8-bit MatMulNBits (constant weights, default zero point 128, K a whole number of blocks) as
+    one 4-bit MatMulNBits over Concat(x, x): an 8-bit level u = 16 a + b gives w = s (u - 128) =
+    16 s (a - 8) + s (b - 0), so the first K rows hold the high nibbles a (scale 16 s, zero point 8) and the
+    next K the low nibbles b (scale s, zero point 0). Exact, also at accuracy_level 4: both copies of x fall in
+    the same int8 blocks. Measured here on SmolLM2's 8-bit lm_head (K x N = 576 x 49152, one row): 4-bit
+    0.27 ms at level 4, 8-bit 1.05 ms; at levels 0-3 8-bit takes ~100 ms (a fallback) and 4-bit 0.8 ms.
+    Returns the nodes rewritten."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    rewritten = 0
+    for node in list(graph):
+        if node.domain != "com.microsoft" or node.op_type != "MatMulNBits":
+            continue
+        attrs = {k: int(v.value) for k, v in node.attributes.items()}
+        inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
+        x, b, scales, zero_points, g_idx, bias = inputs[:6]
+        flat_scales = _flat_const(scales)
+        k, n, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0)
+        if attrs.get("bits") != 8 or b is None or b.const_value is None or flat_scales is None or \
+                zero_points is not None or g_idx is not None or not block or k % block:
+            continue
+        q = b.const_value.numpy().reshape(n, k // block, block)
+        high, low = q >> 4, q & 15
+        nibbles = np.concatenate([high, low], axis=1)  # [N, 2G, block]
+        packed = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
+        s = flat_scales.reshape(n, k // block).astype(np.float32)
+        zp = np.concatenate([np.full_like(high[..., 0], 8), np.zeros_like(low[..., 0])], axis=1)  # [N, 2G]
+        zp_packed = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+        concat = ir.Node("", "Concat", [x, x], attributes=[ir.AttrInt64("axis", -1)], name=f"{node.name}_x2")
+        new_inputs = [concat.outputs[0], _const(graph, f"{node.name}_nibbles", packed),
+                      _const(graph, f"{node.name}_nibble_scales", np.concatenate([16 * s, s], axis=1).reshape(-1)),
+                      _const(graph, f"{node.name}_nibble_zero_points", zp_packed.reshape(-1)), None, bias]
+        while new_inputs[-1] is None:
+            new_inputs.pop()
+        new_attrs = {**attrs, "K": 2 * k, "bits": 4}
+        pair = ir.Node("com.microsoft", "MatMulNBits", new_inputs,
+                       attributes=[ir.AttrInt64(name, value) for name, value in new_attrs.items()], name=f"{node.name}_pair")
+        pair.metadata_props.update(node.metadata_props)
+        graph.insert_before(node, [concat, pair])
+        old = node.outputs[0]
+        if old.is_graph_output():  # the lm_head often writes the logits output itself
+            graph.outputs[[v is old for v in graph.outputs].index(True)] = pair.outputs[0]
+        _reroute(graph, [old], [pair.outputs[0]], [node])
+        rewritten += 1
+    return rewritten
 
 
 def _pack_sibling_dynamic_quantize(model) -> int:

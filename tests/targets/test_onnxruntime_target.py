@@ -151,6 +151,60 @@ def test_files_carry_the_lowest_ir_version_their_opsets_need():
     assert lowest_ir_version(model({"": 18, "com.microsoft": 1, "pkg.unknown": 3})) == 10  # unknown domains
 
 
+def _nbits8_model(k: int, n: int, level: int, *, zero_points: bool = False):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    blocks = -(-k // 32)
+    inits = [numpy_helper.from_array(rng.integers(0, 256, (n, blocks, 32)).astype(np.uint8), "B"),
+             numpy_helper.from_array((rng.random(n * blocks) * 0.01 + 0.001).astype(np.float32), "S")]
+    inputs = ["x", "B", "S"]
+    if zero_points:
+        inits.append(numpy_helper.from_array(rng.integers(0, 256, n * blocks).astype(np.uint8), "Z"))
+        inputs.append("Z")
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=8, block_size=32,
+                            accuracy_level=level)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])], inits)
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
+                                                                 helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("level", [4, 0])
+def test_8bit_matmul_nbits_becomes_an_exact_nibble_pair(level):
+    """An 8-bit MatMulNBits (a GGUF Q8_0 lm_head) as one 4-bit MatMulNBits over Concat(x, x): the same numbers
+    (int8 activations at level 4 fall in the same blocks), and a graph output stays a graph output."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from compilekit.targets.onnxruntime import _nbits8_as_nibble_pairs
+
+    proto = _nbits8_model(96, 40, level)
+    model = ir.from_proto(proto)
+    assert _nbits8_as_nibble_pairs(model) == 1
+    ops = [(node.op_type, {k: v.value for k, v in node.attributes.items()}) for node in model.graph]
+    assert [op for op, _ in ops] == ["Concat", "MatMulNBits"]
+    assert ops[1][1]["bits"] == 4 and ops[1][1]["K"] == 192 and ops[1][1]["accuracy_level"] == level
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    assert len(model.graph.initializers) == 3  # nibbles, scales, zero points: the 8-bit B and S are gone
+    x = np.random.default_rng(1).standard_normal((3, 96)).astype(np.float32)
+    before = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    after = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * float(np.abs(before).max()))
+
+
+def test_8bit_matmul_nbits_with_zero_points_or_a_partial_block_is_left_alone():
+    import onnx_ir as ir
+
+    from compilekit.targets.onnxruntime import _nbits8_as_nibble_pairs
+
+    for proto in (_nbits8_model(96, 40, 4, zero_points=True), _nbits8_model(80, 40, 4)):
+        model = ir.from_proto(proto)
+        assert _nbits8_as_nibble_pairs(model) == 0
+        assert [node.op_type for node in model.graph] == ["MatMulNBits"]
+
+
 def test_options_reject_unknown_keys_and_bad_values():
     with pytest.raises(ValidationError, match="optimisation_level"):
         OnnxRuntimeTarget({"optimisation_level": "all"})
