@@ -78,17 +78,8 @@ def eager_stage(loaded, runs: int) -> dict[str, float | str]:
             adapter.to("cuda", dtype)
             args = [inputs[n].to("cuda", dtype) if inputs[n].is_floating_point() else inputs[n].to("cuda")
                     for n in adapter.input_names]
-            times = []
             with torch.inference_mode():
-                for i in range(runs + 5):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    adapter(*args)
-                    end.record()
-                    end.synchronize()
-                    if i >= 5:
-                        times.append(start.elapsed_time(end))
-            out[name] = statistics.median(times)
+                out[name] = _cuda_p50(lambda: adapter(*args), runs)  # noqa: B023 (called at once)
         except Exception as exc:  # a dtype a model cannot run in: say so in its cell
             traceback.print_exc()
             out[name] = _short(exc)
