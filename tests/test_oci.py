@@ -170,6 +170,45 @@ def test_two_pushes_of_one_artifact_at_once(registry, tmp_path):
     assert digest == results[0]["digest"] and _same_files(artifact.path, pulled.path)
 
 
+def test_a_manifest_refused_over_an_unknown_blob_is_retried_after_the_blobs(registry, tmp_path, monkeypatch):
+    """What two pushes at once can cause: the manifest PUT finds a blob the registry has not linked yet. The
+    push checks every blob again (uploading what is missing) and retries; any other refusal is final."""
+    from compilekit.registry import remote
+
+    store = LocalStore(tmp_path / "a")
+    artifact = _artifact(store, {"model.onnx": b"graph", "weights.bin": 4096})
+    ref = OciRef.parse(f"oci://{registry.host}/models/retry:v1")
+    real_put, real_upload, calls = remote.RegistryClient.put_manifest, remote.RegistryClient.upload, []
+
+    def put(self, data, digest, reference):
+        calls.append("put")
+        if calls.count("put") == 1:
+            raise remote.RegistryError('PUT .../manifests/v1 -> HTTP 400: {"errors":[{"code":"MANIFEST_BLOB_UNKNOWN",'
+                                       '"message":"blob unknown to registry"}]}')
+        return real_put(self, data, digest, reference)
+
+    def upload(self, blob, progress=None):
+        calls.append("upload")
+        return real_upload(self, blob, progress)
+
+    monkeypatch.setattr(remote.RegistryClient, "put_manifest", put)
+    monkeypatch.setattr(remote.RegistryClient, "upload", upload)
+    pkg = package(artifact)
+    result = push(pkg, ref, insecure=True)
+    n = len(pkg.blobs)
+    assert calls == ["upload"] * n + ["put"] + ["upload"] * n + ["put"]
+    assert result["uploaded"] == n  # the second round found every blob present
+    pulled, _ = pull(ref, LocalStore(tmp_path / "b"), insecure=True)
+    assert _same_files(artifact.path, pulled.path)
+
+    calls.clear()
+    monkeypatch.setattr(remote.RegistryClient, "put_manifest",
+                        lambda self, *a: (_ for _ in ()).throw(remote.RegistryError("HTTP 400: MANIFEST_INVALID")))
+    with pytest.raises(remote.RegistryError, match="MANIFEST_INVALID"):
+        push(pkg, ref, insecure=True)
+    assert calls == ["upload"] * n  # no retry for another refusal
+
+
 def test_references_and_insecure_rules():
     ref = OciRef.parse("oci://127.0.0.1:5000/models/minilm:latest")
     assert (ref.host, ref.repository, ref.tag) == ("127.0.0.1:5000", "models/minilm", "latest")

@@ -265,7 +265,18 @@ def push(pkg: Package, ref: OciRef, *, insecure: bool = False, progress: Callabl
             except RegistryError:
                 if attempt == 2:
                     raise
-    client.put_manifest(pkg.manifest, pkg.digest, ref.tag or pkg.digest)
+    for attempt in range(3):
+        try:
+            client.put_manifest(pkg.manifest, pkg.digest, ref.tag or pkg.digest)
+            break
+        except RegistryError as exc:
+            # Another push of the same blobs can make ours skip one (HEAD said present) that the registry
+            # then does not link in time: seen with two pushes at once ("blob unknown to registry"). Check
+            # every blob again, upload what is missing, and retry the manifest.
+            if attempt == 2 or "blob unknown" not in str(exc).lower():
+                raise
+            time.sleep(0.5 * (attempt + 1))
+            uploaded += sum(client.upload(blob) for blob in pkg.blobs)
     return {"digest": pkg.digest, "blobs": len(pkg.blobs), "uploaded": uploaded,
             "bytes": sum(b.size for b in pkg.blobs)}
 
