@@ -121,11 +121,13 @@ def _lower_ort(program, out_dir, **options):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_onnxruntime_flavor_bert_fuses_contrib_attention(impl, fused, tmp_path):
+def test_onnxruntime_flavor_bert_fuses_attention(impl, fused, tmp_path):
     tiny, program = fused("bert", impl)
     build, runner = _lower_ort(program, tmp_path)
     nodes, fusions = build.info["nodes"], build.info["ort_fusions"]
-    assert sum(nodes.get(op, 0) for op in CONTRIB_ATTENTION) == LAYERS, nodes
+    # onnxscript fuses com.microsoft.Attention; the target then gives ORT the standard opset-23 Attention
+    assert nodes.get("Attention") == LAYERS and fusions.get("attention_as_standard") == LAYERS, (nodes, fusions)
+    assert not [op for op in nodes if op in CONTRIB_ATTENTION], nodes
     assert not [op for op in nodes if op.endswith("Softmax")], nodes
     # residual + LayerNorm stays split (faster on ORT CPU; see OnnxRuntimeOptions.skip_layer_norm)
     assert not [op for op in nodes if "SkipLayerNormalization" in op], nodes
@@ -173,3 +175,14 @@ def test_onnxruntime_flavor_without_ort_fusions(arch, impl, fused, tmp_path):
     assert not [op for op in build.info["nodes"] if "::" in op], build.info["nodes"]  # standard ONNX only
     data = _padded(tiny.inputs)
     _assert_matches_eager(runner.run(data), tiny, data, f"onnxruntime flavor (no ORT fusions) {arch}/{impl}")
+
+
+def test_onnxruntime_flavor_bert_contrib_attention_kept_on_request(fused, tmp_path):
+    """encoder_attention: contrib keeps onnxscript's com.microsoft.Attention, with the same numbers."""
+    tiny, program = fused("bert", "sdpa")
+    build, runner = _lower_ort(program, tmp_path, encoder_attention="contrib")
+    nodes, fusions = build.info["nodes"], build.info["ort_fusions"]
+    assert nodes.get("com.microsoft::Attention") == LAYERS and "Attention" not in nodes, nodes
+    assert "attention_as_standard" not in fusions, fusions
+    data = _padded(tiny.inputs)
+    _assert_matches_eager(runner.run(data), tiny, data, "onnxruntime flavor bert/sdpa, contrib attention")
