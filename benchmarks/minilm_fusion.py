@@ -13,7 +13,8 @@ Rows
                Its session options are the recipe's target options (e.g. SkipLayerNormFusion disabled).
 
 The three ORT rows run with the same intra-op thread count and the same `session.intra_op.allow_spinning`
-(--spinning); the peer sessions otherwise use ORT defaults (graph_optimization_level ALL). Timing is
+(--spinning, on by default as in ORT itself); the peer sessions otherwise use ORT defaults
+(graph_optimization_level ALL). Timing is
 steady state in alternating blocks (compilekit.verify.latency.measure_blocks), not one-by-one
 interleaving: interleaving evicts caches and, with spinning on, the candidates' threads fight.
 
@@ -333,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default="2x128,1x32", help="comma-separated BATCHxSEQ")
     ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "minilm-l6.yaml",
                     help="compilekit recipe for the compilekit row (compiled into a temporary registry)")
-    ap.add_argument("--spinning", choices=("on", "off"), default="off",
-                    help="session.intra_op.allow_spinning for all three ORT rows")
+    ap.add_argument("--spinning", choices=("on", "off"), default="on",
+                    help="session.intra_op.allow_spinning for all ORT rows (default on: ORT's own default and the "
+                         "recipe's; the settle calls keep the spinning workers off the next block, see README)")
     ap.add_argument("--int8", action="store_true", help="the quantization comparison (see above)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args(argv)
