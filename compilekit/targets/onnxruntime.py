@@ -52,11 +52,12 @@ class OnnxRuntimeOptions(TargetOptions):
     provider_options: dict[str, dict[str, str | int | float | bool]] = Field(
         default_factory=dict, description="Options per provider name (e.g. {cuda: {device_id: 0}, tensorrt: "
         "{trt_fp16_enable: true}}), passed to ONNX Runtime as given.")
-    encoder_attention: Literal["standard", "contrib"] = Field(
-        "standard", description="standard: an encoder's com.microsoft.Attention (no past, no int mask) becomes "
-        "MatMul + Split + the opset-23 `Attention` (the model's opset is raised to 23), whose ORT CPU kernel "
-        "(ORT >= 1.23; older ORT keeps contrib) measured faster after the QKV projection (180 vs 231 us per "
-        "MiniLM layer at 2x128). contrib: keep com.microsoft.Attention.")
+    attention: Literal["standard", "contrib"] = Field(
+        "standard", description="standard: com.microsoft Attention / MultiHeadAttention without past, int mask or "
+        "packed bias (an encoder's, an int8 model's, a decoder's without KV cache) become the standard opset-23 "
+        "`Attention` (Attention's QKV projection becomes MatMul + Split; the model's opset is raised to 23): its "
+        "ORT CPU kernel (ORT >= 1.23; older ORT keeps contrib) measured faster (180 vs 231 / 259 us per MiniLM "
+        "layer at 2x128). contrib: keep the contrib ops.")
     skip_layer_norm: Literal["split", "fused"] = Field(
         "split", description="split: residual add + LayerNorm stays Add + LayerNormalization, and the session "
         "disables ORT's SkipLayerNormFusion. On ORT 1.32 CPU com.microsoft.SkipLayerNormalization measured 3-4x "
@@ -399,11 +400,14 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
 
         model, fired = optimize_for_ort(model)
         counts = {k: v for k, v in fired.items() if v}
-        if options.encoder_attention == "standard":
+        if options.attention == "standard":
             if ort_has_standard_attention():
                 counts.update(contrib_attention_as_standard(model))
-            elif any(n.op_type == "Attention" and n.domain == "com.microsoft" for n in model.graph):
-                counts["attention_kept_contrib (onnxruntime < 1.23 has no CPU opset-23 Attention)"] = 1
+            else:
+                contrib = sum(n.domain == "com.microsoft" and n.op_type in ("Attention", "MultiHeadAttention")
+                              for n in model.graph)
+                if contrib:
+                    counts["attention_kept_contrib (onnxruntime < 1.23 has no CPU opset-23 Attention)"] = contrib
     if options.pack_matmuls:
         packed_nbits = _pack_sibling_nbits(model)
         if packed_nbits:

@@ -180,7 +180,7 @@ def test_onnxruntime_flavor_without_ort_fusions(arch, impl, fused, tmp_path):
 def test_onnxruntime_flavor_bert_contrib_attention_kept_on_request(fused, tmp_path):
     """encoder_attention: contrib keeps onnxscript's com.microsoft.Attention, with the same numbers."""
     tiny, program = fused("bert", "sdpa")
-    build, runner = _lower_ort(program, tmp_path, encoder_attention="contrib")
+    build, runner = _lower_ort(program, tmp_path, attention="contrib")
     nodes, fusions = build.info["nodes"], build.info["ort_fusions"]
     assert nodes.get("com.microsoft::Attention") == LAYERS and "Attention" not in nodes, nodes
     assert "attention_as_standard" not in fusions, fusions

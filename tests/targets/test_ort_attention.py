@@ -122,3 +122,67 @@ def test_no_attention_is_a_no_op():
     new, counts = _rewrite(model)
     assert counts == {}
     assert {o.domain: o.version for o in new.opset_import}[""] == 18
+
+
+def _mha_model(mask: str = "bias", qkv_dims=(E, E, E), extra_inputs: int = 0) -> onnx.ModelProto:
+    """q, k, v [B, S, *] -> com.microsoft.MultiHeadAttention(q, k, v, bias?, key_padding_mask?, attention_bias?)."""
+    names = ["q", "k", "v"]
+    graph_inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", d]) for n, d in zip(names, qkv_dims)]
+    inputs = list(names)
+    if mask == "bias":
+        inputs += ["", "", "mask"]
+        graph_inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, "seq", "seq"]))
+    elif mask == "key_padding":
+        inputs += ["", "mask"]
+        graph_inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, ["batch", "seq"]))
+    inits = []
+    if mask == "packed_bias":
+        inputs += ["qkv_bias"]
+        inits.append(numpy_helper.from_array(np.zeros(sum(qkv_dims), np.float32), "qkv_bias"))
+    node = helper.make_node("MultiHeadAttention", inputs, ["y"], domain="com.microsoft", num_heads=HEADS)
+    graph = helper.make_graph([node], "g", graph_inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", qkv_dims[2]])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model
+
+
+def _mha_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(2)
+    feeds = {}
+    for value in model.graph.input:
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if value.name in ("q", "k", "v"):
+            feeds[value.name] = rng.standard_normal((B, S, dims[2])).astype(np.float32)
+    keep = np.ones((B, S), dtype=bool)
+    keep[0, 5:] = False
+    names = {i.name: i for i in model.graph.input}
+    if "mask" in names:
+        if names["mask"].type.tensor_type.elem_type == TensorProto.INT32:
+            feeds["mask"] = keep.astype(np.int32)
+        else:
+            feeds["mask"] = np.ascontiguousarray(np.broadcast_to(
+                np.where(keep, 0.0, -1e4).astype(np.float32)[:, None, None, :], (B, 1, S, S)))
+    return feeds
+
+
+@pytest.mark.parametrize("case", [{}, {"mask": "none"}, {"qkv_dims": (E, E, 2 * E)}],
+                         ids=["padding-mask", "no-mask", "wide-v"])
+def test_multi_head_attention_rewrite_matches(case):
+    model = _mha_model(**case)
+    feeds = _mha_feeds(model)
+    want = _run(model, feeds)
+    new, counts = _rewrite(model)
+    assert counts == {"multi_head_attention_as_standard": 1}
+    onnx.checker.check_model(new)
+    assert [(n.domain, n.op_type) for n in new.graph.node] == [("", "Attention")]
+    np.testing.assert_allclose(_run(new, feeds), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask, reason", [("key_padding", "key_padding_mask / past input"),
+                                          ("packed_bias", "packed bias input")])
+def test_multi_head_attention_left_alone_with_reason(mask, reason):
+    model = _mha_model(mask=mask)
+    new, counts = _rewrite(model)
+    assert counts == {f"multi_head_attention_kept_contrib ({reason})": 1}
+    assert [(n.domain, n.op_type) for n in new.graph.node] == [("com.microsoft", "MultiHeadAttention")]
