@@ -158,10 +158,8 @@ def test_latency_method_is_stated_in_the_manifest(tiny_recipe, registry_dir):
     assert result.manifest["latency"]["method"].endswith("ORT thread spinning off")
 
 
-def test_gpt2_compiles_when_ort_fusions_break_its_graph(tiny_recipe, registry_dir):
-    """onnxscript's fusions give GPT-2 a graph ORT loads but cannot run at every size (a 3-D input into a 2-D
-    Gemm); the target must notice before storing and keep the plain ONNX."""
-    recipe = tiny_recipe({
+def _gpt2_recipe(tiny_recipe):
+    return tiny_recipe({
         "model": {"task": "causal-lm", "attn_implementation": "eager",
                   "config": {"model_type": "gpt2", "vocab_size": 128, "n_embd": 32, "n_layer": 2, "n_head": 2,
                              "bos_token_id": 0, "eos_token_id": 0}},
@@ -170,7 +168,25 @@ def test_gpt2_compiles_when_ort_fusions_break_its_graph(tiny_recipe, registry_di
         "passes": ["cleanup.dead_code", "fuse.norm", "fuse.attention"],
         "verify": {"data": {"shape": {"seq": 24}}},
     })
-    result = compile_recipe(load_recipe(recipe), registry=registry_dir)
+
+
+def test_gpt2_compiles_with_its_ort_fusions(tiny_recipe, registry_dir):
+    """onnxscript's fusions feed GPT-2's 2-D Conv1D Gemm a 3-D attention output; the target flattens it, so the
+    fused graph is kept and stored."""
+    result = compile_recipe(load_recipe(_gpt2_recipe(tiny_recipe)), registry=registry_dir)
+    assert result.passed
+    assert "ONNX-level fusions dropped" not in result.manifest["passes"][-1]["summary"]
+    assert result.manifest["build"]["ort_fusions"]["attention_output_flattened_for_gemm"] == 2
+    assert result.manifest["passes"][3]["stats"]["fused"] == 2
+
+
+def test_gpt2_compiles_when_ort_fusions_break_its_graph(tiny_recipe, registry_dir, monkeypatch):
+    """Without that fix ORT cannot run onnxscript's fused GPT-2 (a 3-D input into a 2-D Gemm): the target
+    must notice before storing and keep the plain ONNX."""
+    import compilekit.targets.onnxruntime as ort_target
+
+    monkeypatch.setattr(ort_target, "_flatten_attention_into_gemm", lambda model: 0)
+    result = compile_recipe(load_recipe(_gpt2_recipe(tiny_recipe)), registry=registry_dir)
     assert result.passed
     lower = result.manifest["passes"][-1]
     assert "ONNX-level fusions dropped, plain ONNX kept" in lower["summary"]

@@ -273,8 +273,9 @@ class OnnxRuntimeTarget(Target):
     def _fuse_or_keep(self, path: Path, files: list[Path], program: Program) -> tuple[dict[str, int], str | None]:
         """Apply the ONNX-level fusions into a side directory and keep them only if ONNX Runtime loads and runs
         the result and it matches the plain ONNX at two input sizes. onnxscript's fusions can produce graphs
-        ORT rejects or cannot run (GPT-2's attention output projection: "Gemm input 0 expected to have rank
-        2 but has rank 3"); the plain graph is then the right build."""
+        ORT rejects or cannot run (GPT-2's attention output projection was one: "Gemm input 0 expected to have
+        rank 2 but has rank 3", now fixed by _flatten_attention_into_gemm); the plain graph is then the right
+        build."""
         import shutil
 
         side = path.parent / ".ort-fusions"
@@ -400,6 +401,9 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
 
         model, fired = optimize_for_ort(model)
         counts = {k: v for k, v in fired.items() if v}
+        flattened = _flatten_attention_into_gemm(model)
+        if flattened:
+            counts["attention_output_flattened_for_gemm"] = flattened
         if options.attention == "standard":
             if ort_has_standard_attention():
                 counts.update(contrib_attention_as_standard(model))
@@ -449,6 +453,47 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
         if not any(f"No Op registered for {name}" in str(exc) for name in _ORT_DEFAULT_DOMAIN_OPS):
             raise LoweringError(f"the ONNX model fails onnx.checker after the ONNX Runtime fusions: {exc}") from None
     return counts, written
+
+
+_FUSED_ATTENTION = {("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention"),
+                    ("com.microsoft", "GroupQueryAttention")}
+
+
+def _flatten_attention_into_gemm(model) -> int:
+    """A 2-D Gemm fed straight by a fused attention node gets a Reshape to [-1, K] in between.
+
+    onnxscript's mha2 fusion replaces the `view` that flattened GPT-2's attention output for its Conv1D
+    c_proj Gemm by the 3-D MultiHeadAttention output itself, and ORT then refuses the model ("Gemm input 0
+    expected to have rank 2 but has rank 3"), which used to drop every fusion. The Gemm's output keeps its
+    2-D shape, as the exporter's Reshape after it expects. Returns the Gemms fixed."""
+    import numpy as np
+    import onnx_ir as ir
+
+    fixed = 0
+    for node in list(model.graph):
+        if node.op_type != "Gemm" or node.domain != "" or node.attributes.get_int("transA", 0):
+            continue
+        a = node.inputs[0]
+        producer = a.producer() if a is not None else None
+        if producer is None or (producer.domain, producer.op_type) not in _FUSED_ATTENTION or \
+                a is not producer.outputs[0]:
+            continue
+        b_shape = node.inputs[1].shape
+        if b_shape is None or len(b_shape) != 2:
+            continue
+        k = b_shape[1] if node.attributes.get_int("transB", 0) else b_shape[0]
+        if not isinstance(k, int):
+            continue
+        target = _const(model.graph, f"{node.name or 'gemm'}_flat_shape", np.array([-1, k], dtype=np.int64))
+        reshape = ir.Node("", "Reshape", [a, target], name=f"{node.name or 'gemm'}_flatten")
+        reshape.outputs[0].type = a.type
+        reshape.outputs[0].shape = ir.Shape([None, k])
+        model.graph.insert_before(node, reshape)
+        node.replace_input_with(0, reshape.outputs[0])
+        # the attention output is 3-D whatever its (replaced value's) annotation says
+        a.shape = None
+        fixed += 1
+    return fixed
 
 
 def _pack_sibling_matmuls(model) -> int:

@@ -35,6 +35,13 @@ def _same_dim(a, b) -> bool:
     return a is not None and b is not None and a.value is not None and a.value == b.value
 
 
+def _float32(value) -> bool:
+    # ORT's CPU kernel of the standard op is registered for float; other types keep the contrib op.
+    import onnx_ir as ir
+
+    return value is not None and value.type is not None and value.type.dtype == ir.DataType.FLOAT
+
+
 def _mask_ok(mask, query) -> bool:
     # ORT's kernel requires the mask's second-last dim to be the query length (no broadcast there).
     return mask is None or (mask.shape is not None and len(mask.shape) == 4 and _same_dim(mask.shape[2], query.shape[1]))
@@ -54,7 +61,9 @@ def _why_not(node) -> str | None:
     if attrs.get_int("do_rotary", 0) or attrs.get_int("past_present_share_buffer", 0):
         return "rotary / shared past buffer"
     x, weight = node.inputs[0], node.inputs[1]
-    if x is None or x.shape is None or len(x.shape) != 3:
+    if not _float32(x):
+        return "input is not known to be float32"
+    if x.shape is None or len(x.shape) != 3:
         return "input is not known to be 3-D"
     if _hidden_sizes(node) is None:
         return "q/k/v sizes unknown or q != k"
@@ -74,7 +83,9 @@ def _why_not_mha(node) -> str | None:
     if not _outputs_after_first_unused(node):
         return "present / qk output used"
     q, k, v = (_input(node, i) for i in range(3))
-    if any(t is None or t.shape is None or len(t.shape) != 3 for t in (q, k, v)):
+    if not all(_float32(t) for t in (q, k, v)):
+        return "query/key/value not known to be float32"
+    if any(t.shape is None or len(t.shape) != 3 for t in (q, k, v)):
         return "query/key/value not all known to be 3-D (packed or BNSH)"
     heads = node.attributes.get_int("num_heads", 0)
     widths = [t.shape[2] for t in (q, k, v)]
@@ -185,7 +196,12 @@ def contrib_attention_as_standard(model) -> dict[str, int]:
         graph.insert_before(node, new)
         old = node.outputs[0]
         out = attention.outputs[0]
-        out.type, out.shape = old.type, old.shape
+        # [B, S, v width], from the inputs: the contrib node's own annotation can be stale (onnxscript's
+        # fusions give it the shape of the value it replaced, e.g. GPT-2's 2-D view)
+        q_shape, v_shape = qkv[0].shape, qkv[2].shape
+        out.type = old.type
+        out.shape = ir.Shape([q_shape[0], q_shape[1], v_shape[2]]) if q_shape is not None and v_shape is not None \
+            and len(q_shape) == 3 and len(v_shape) == 3 else None
         old_name = old.name
         old.replace_all_uses_with(out, replace_graph_outputs=True)
         old.name = None

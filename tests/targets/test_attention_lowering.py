@@ -151,9 +151,26 @@ def test_onnxruntime_flavor_decoders_with_ort_fusions(arch, impl, fused, tmp_pat
     _assert_matches_eager(runner.run(data), tiny, data, f"onnxruntime flavor {arch}/{impl}")
 
 
-def test_fusions_ort_rejects_fall_back_to_the_plain_onnx(fused, tmp_path):
-    """onnxscript's mha2 fusion (opset 18) feeds a 3-D MultiHeadAttention output into GPT-2's 2-D Gemm (Conv1D
-    c_proj) and ORT refuses that session; the target keeps the plain ONNX and says why."""
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_onnxruntime_flavor_gpt2_keeps_its_fusions(impl, fused, tmp_path):
+    """onnxscript's mha2 fusion (opset 18) feeds the 3-D MultiHeadAttention output straight into GPT-2's 2-D
+    Conv1D c_proj Gemm, which ORT refuses; the target flattens it for the Gemm, so the fusions stay."""
+    tiny, program = fused("gpt2", impl)
+    build, runner = _lower_ort(program, tmp_path)
+    fusions, nodes = build.info["ort_fusions"], build.info["nodes"]
+    assert not build.info["notes"], build.info["notes"]
+    assert fusions.get("attention_output_flattened_for_gemm") == LAYERS, fusions
+    assert nodes.get("Attention") == LAYERS and not [op for op in nodes if op.endswith("Softmax")], nodes
+    data = _padded(tiny.inputs)
+    _assert_matches_eager(runner.run(data), tiny, data, f"onnxruntime flavor gpt2/{impl}")
+
+
+def test_fusions_ort_rejects_fall_back_to_the_plain_onnx(fused, tmp_path, monkeypatch):
+    """Without the Gemm fix above, ORT refuses onnxscript's fused GPT-2 (a 3-D input to a 2-D Gemm): the target
+    keeps the plain ONNX and says why."""
+    import compilekit.targets.onnxruntime as ort_target
+
+    monkeypatch.setattr(ort_target, "_flatten_attention_into_gemm", lambda model: 0)
     tiny, program = fused("gpt2", "sdpa")
     build, runner = _lower_ort(program, tmp_path)
     assert build.info["ort_fusions"] == {}
@@ -178,7 +195,7 @@ def test_onnxruntime_flavor_without_ort_fusions(arch, impl, fused, tmp_path):
 
 
 def test_onnxruntime_flavor_bert_contrib_attention_kept_on_request(fused, tmp_path):
-    """encoder_attention: contrib keeps onnxscript's com.microsoft.Attention, with the same numbers."""
+    """attention: contrib keeps onnxscript's com.microsoft.Attention, with the same numbers."""
     tiny, program = fused("bert", "sdpa")
     build, runner = _lower_ort(program, tmp_path, attention="contrib")
     nodes, fusions = build.info["nodes"], build.info["ort_fusions"]

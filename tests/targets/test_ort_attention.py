@@ -186,3 +186,12 @@ def test_multi_head_attention_left_alone_with_reason(mask, reason):
     new, counts = _rewrite(model)
     assert counts == {f"multi_head_attention_kept_contrib ({reason})": 1}
     assert [(n.domain, n.op_type) for n in new.graph.node] == [("com.microsoft", "MultiHeadAttention")]
+
+
+def test_float16_attention_left_alone():
+    model = _mha_model()
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name != "mask":
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    new, counts = _rewrite(model)
+    assert counts == {"multi_head_attention_kept_contrib (query/key/value not known to be float32)": 1}
