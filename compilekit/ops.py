@@ -145,7 +145,8 @@ def _attention_as_sdpa(q, k, v, mask, scale, is_causal, num_heads, num_kv_heads,
         repeat = num_heads // num_kv_heads
         k = k[:, :, None].expand(b, h, repeat, s, d).reshape(b, h * repeat, s, d)
         v = v[:, :, None].expand(b, h, repeat, s, v.shape[-1]).reshape(b, h * repeat, s, v.shape[-1])
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    return out.contiguous()  # the op promises a contiguous result, as its reference gives
 
 
 register_decomposition("onnxruntime", torch.ops.compilekit.attention.default)(_attention_as_sdpa)

@@ -2,8 +2,10 @@
 
 Two rules, for the two forms transformers produces:
 - `sdpa`: `scaled_dot_product_attention(q, k, v, mask, dropout_p=0, is_causal, scale)`;
-- `eager`: `softmax(q @ k^T * scale + mask) @ v`, with the scale as a multiply or a divide (or absent),
-  the mask add optional, and an optional cast and dropout (p = 0 or eval) after the softmax.
+- `eager`: `softmax(q @ k^T * scale + mask) @ v`, with the scale as a multiply or a divide (or absent, or
+  in place), the mask add optional, an optional soft cap (`tanh(s / c) * c`, Gemma-2) under the mask, more
+  additive score terms (MPNet's relative position bias) summed into the mask, and an optional cast and
+  dropout (p = 0 or eval) after the softmax.
 
 In both, K and V are looked through transformers' `repeat_kv` (unsqueeze -> expand -> reshape), so GQA/MQA
 blocks keep their KV head count and the target can use its GQA kernel instead of materialised copies.
@@ -33,6 +35,11 @@ _SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 _RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 _CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
 _COMPARE = {aten.le.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor}
+# in-place forms too: Falcon's `scores /= sqrt(d)` and MPNet's `scores += position_bias` stay in-place in the
+# exported graph (the scores have no other user, so they compute the same)
+_MULS = {aten.mul.Tensor, aten.mul_.Tensor}
+_DIVS = {aten.div.Tensor, aten.div_.Tensor}
+_ADDS = {aten.add.Tensor, aten.add_.Tensor}
 
 
 def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -149,29 +156,63 @@ def _scalar(value: Any) -> float | None:
     return None
 
 
+def _scores_add(node: Any) -> tuple[torch.fx.Node, Any] | None:
+    """For `scores + term` (either order, alpha 1): (scores side, term), else None."""
+    if not isinstance(node, torch.fx.Node) or node.target not in _ADDS or node.kwargs.get("alpha", 1) != 1 \
+            or len(node.args) < 2:
+        return None
+    left, right = node.args[:2]
+    if _is_scores_side(left):
+        return left, right
+    if _is_scores_side(right):
+        return right, left
+    return None
+
+
+def _softcap(node: Any) -> tuple[float, torch.fx.Node, list[torch.fx.Node]] | None:
+    """Gemma-2's `tanh(scores / c) * c`: (c, scores, [mul, tanh, div]), else None."""
+    if not isinstance(node, torch.fx.Node) or node.target not in _MULS:
+        return None
+    outer = _scalar(node.args[1])
+    tanh = node.args[0]
+    if outer is None or not isinstance(tanh, torch.fx.Node) or tanh.target is not aten.tanh.default:
+        return None
+    div = tanh.args[0]
+    if not isinstance(div, torch.fx.Node) or div.target not in _DIVS or _scalar(div.args[1]) != outer or outer <= 0:
+        return None
+    return outer, div.args[0], [node, tanh, div]
+
+
 def _match_eager(softmax: torch.fx.Node) -> dict[str, Any]:
     dim = softmax.args[1]
     if dim not in (-1, _val(softmax).dim() - 1):
         raise NoMatch(f"softmax over dim {dim}, not the last")
     chain = [softmax]
     scores = softmax.args[0]
-    mask = None
-    if isinstance(scores, torch.fx.Node) and scores.target is aten.add.Tensor:
-        left, right = scores.args[:2]
-        if scores.kwargs.get("alpha", 1) != 1:
+    # Additive terms on the scores: the mask, and e.g. MPNet's relative position bias. The op takes one
+    # additive mask, so several terms are summed into it (call() inserts the adds).
+    terms = []
+    while (found := _scores_add(scores)) is not None:
+        if scores.target is aten.add.Tensor and not terms and scores.kwargs.get("alpha", 1) != 1:
             raise NoMatch("mask add has alpha != 1")
         _only_user(scores, "masked scores")
         chain.append(scores)
-        main, mask = (left, right) if _is_scores_side(left) else (right, left)
-        scores = main
+        scores, term = found
+        terms.append(term)
+    softcap = 0.0
+    if (capped := _softcap(scores)) is not None:
+        softcap, scores, nodes = capped
+        for node in nodes:
+            _only_user(node, "soft-capped scores")
+        chain.extend(nodes)
     scale = 1.0
-    if isinstance(scores, torch.fx.Node) and scores.target in (aten.mul.Tensor, aten.div.Tensor):
+    if isinstance(scores, torch.fx.Node) and scores.target in _MULS | _DIVS:
         factor = _scalar(scores.args[1])
         if factor is None:
             raise NoMatch("scores are scaled by a non-constant")
         _only_user(scores, "scaled scores")
         chain.append(scores)
-        scale = factor if scores.target is aten.mul.Tensor else 1.0 / factor
+        scale = factor if scores.target in _MULS else 1.0 / factor
         scores = scores.args[0]
     if not isinstance(scores, torch.fx.Node) or scores.target is not aten.matmul.default:
         raise NoMatch("softmax input is not q @ k^T (not an attention block)")
@@ -205,18 +246,40 @@ def _match_eager(softmax: torch.fx.Node) -> dict[str, Any]:
     if rep_k != rep_v:
         k_base, v_base = k, v
     hq, hkv, d = _heads(q, k_base, v_base)
-    mask_val = _val(mask)
-    if mask is not None and (mask_val is None or mask_val.dtype == torch.bool):
-        raise NoMatch("the added mask is not a float tensor")
-    return {"q": q, "k": k_base, "v": v_base, "mask": mask, "scale": scale, "causal": False, "hq": hq,
-            "hkv": hkv, "d": d, "chain": [weights, *chain], "anchor": weights}
+    for term in terms:
+        term_val = _val(term)
+        if not isinstance(term, torch.fx.Node) or term_val is None or not term_val.dtype.is_floating_point:
+            raise NoMatch("the added mask is not a float tensor")
+    return {"q": q, "k": k_base, "v": v_base, "mask": terms[0] if len(terms) == 1 else None, "terms": terms,
+            "scale": scale, "causal": False, "hq": hq, "hkv": hkv, "d": d, "softcap": softcap,
+            "chain": [weights, *chain], "anchor": weights}
 
 
 def _is_scores_side(node: Any) -> bool:
-    """True if `node` is the q @ k^T side of the mask add (possibly scaled)."""
-    while isinstance(node, torch.fx.Node) and node.target in (aten.mul.Tensor, aten.div.Tensor):
-        node = node.args[0]
+    """True if `node` is the q @ k^T side of an add on the scores (possibly scaled, soft-capped or already
+    carrying another additive term)."""
+    while isinstance(node, torch.fx.Node):
+        if node.target in _MULS | _DIVS or node.target is aten.tanh.default:
+            node = node.args[0]
+        elif node.target in _ADDS and len(node.args) >= 2:
+            return _is_scores_side(node.args[0]) or _is_scores_side(node.args[1])
+        else:
+            break
     return isinstance(node, torch.fx.Node) and node.target is aten.matmul.default
+
+
+def _summed_mask(terms: list[torch.fx.Node], before: torch.fx.Node) -> torch.fx.Node | None:
+    """The additive terms of a block as one mask tensor (inserted before `before`), or None if there are none."""
+    if not terms:
+        return None
+    total = terms[-1]  # the term nearest the scores first, as the block added them
+    graph = before.graph
+    for term in reversed(terms[:-1]):
+        with graph.inserting_before(before):
+            added = graph.call_function(aten.add.Tensor, (total, term))
+        added.meta["val"] = _val(total) + _val(term)
+        total = added
+    return total
 
 
 # ------------------------------------------------------------------------------------------------ pass
@@ -257,14 +320,18 @@ class FuseAttentionPass(Pass):
                 unfused.append({"node": node.name, "form": form, "reason": str(why)})
                 continue
             anchor = m.get("anchor", node)
-            kind = mask_kind(m["mask"], graph, user_inputs)
+            terms = m.get("terms", [])
+            mask = m["mask"] if len(terms) < 2 else _summed_mask(terms, anchor)
+            kind = mask_kind(mask, graph, user_inputs) if len(terms) < 2 else "additive (mask + score bias)"
             if m["causal"]:
                 kind = "causal" if kind in ("none", "causal") else "causal+" + kind.removeprefix("causal+")
-            new = replace_with_call(anchor, ATTENTION, (m["q"], m["k"], m["v"], m["mask"], float(m["scale"]),
-                                                        bool(m["causal"]), m["hq"], m["hkv"], 0.0), chain=m["chain"])
+            new = replace_with_call(anchor, ATTENTION, (m["q"], m["k"], m["v"], mask, float(m["scale"]),
+                                                        bool(m["causal"]), m["hq"], m["hkv"],
+                                                        float(m.get("softcap", 0.0))), chain=m["chain"])
             forms[form] += 1
             fused.append({"node": new.name, "form": form, "heads": m["hq"], "kv_heads": m["hkv"],
-                          "head_dim": m["d"], "scale": round(m["scale"], 6), "mask": kind})
+                          "head_dim": m["d"], "scale": round(m["scale"], 6), "mask": kind,
+                          **({"softcap": m["softcap"]} if m.get("softcap") else {})})
         if fused:
             graph.eliminate_dead_code()
         stats = {"fused": len(fused), "unfused": len(unfused), "forms": dict(forms), "blocks": fused,

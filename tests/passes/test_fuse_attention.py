@@ -276,3 +276,71 @@ def test_second_run_is_a_no_op(arch, impl, fused):
     assert second.modified is False and second.program is first.program
     assert second.stats == {"fused": 0, "unfused": 0, "forms": {}, "blocks": [], "misses": []}
     assert str(cleaned.graph) == graph_before  # the first run did not edit its input either
+
+
+class _ScoreForms(torch.nn.Module):
+    """Eager attention over x[batch, 8] (2 positions x 2 heads x 2 dims) whose scores take the forms other
+    architectures use: Gemma-2's soft cap, Falcon's in-place scale, MPNet's relative position bias added
+    before the padding mask. `cap_out` != 3 breaks the soft cap (tanh(s / 3) * cap_out is no soft cap)."""
+
+    def __init__(self, form: str, cap_out: float = 3.0) -> None:
+        super().__init__()
+        self.form, self.cap_out = form, cap_out
+        gen = torch.Generator().manual_seed(0)
+        # small weights keep the scores O(1), so the bound below is about the rewrite, not a saturated softmax
+        self.wq, self.wk, self.wv = (torch.nn.Parameter(torch.randn(8, 8, generator=gen) * 0.3) for _ in range(3))
+        self.position_bias = torch.nn.Parameter(torch.randn(1, 2, 2, 2, generator=gen))
+
+    def forward(self, x):
+        b = x.shape[0]
+        q, k, v = ((x @ w).view(b, 2, 2, 2).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        scores = q @ k.transpose(-2, -1)
+        if self.form == "softcap":
+            scores = scores * 0.5
+            scores = torch.tanh(scores / 3.0) * self.cap_out
+        elif self.form == "inplace":
+            scores /= 2.0
+        elif self.form == "position_bias":
+            scores = scores * 0.5
+            scores += self.position_bias
+            # [b, 1, 1, 2] additive padding mask over the second key (the first stays visible, as a padded
+            # batch's first token does; a fully masked row would only compare rounding at -1e4)
+            pad = torch.where(x[:, None, None, :1] > 0, 0.0, -1e4)
+            scores = scores + torch.cat([torch.zeros_like(pad), pad], dim=-1)
+        weights = torch.softmax(scores, dim=-1)
+        return (weights @ v).transpose(1, 2).reshape(b, 8)
+
+
+@pytest.mark.parametrize("form, block", [
+    ("softcap", {"scale": 0.5, "softcap": 3.0, "mask": "none"}),
+    ("inplace", {"scale": 0.5, "mask": "none"}),
+    ("position_bias", {"scale": 0.5, "mask": "additive (mask + score bias)"}),
+])
+def test_other_score_forms_are_fused(form, block, export_module, tmp_path):
+    from compilekit.targets.onnxruntime import OnnxRuntimeTarget
+
+    module = _ScoreForms(form)
+    result = FuseAttentionPass()(export_module(module))
+    assert result.stats["fused"] == 1 and result.stats["unfused"] == 0, result.stats["misses"]
+    got_block = {k: v for k, v in result.stats["blocks"][0].items() if k in ("scale", "softcap", "mask")}
+    assert got_block == block
+    assert not [n for n in result.program.graph.nodes if n.op == "call_function" and
+                str(n.target).startswith(("aten.softmax", "aten.tanh"))]
+    (node,) = _attention_nodes(result.program)
+    assert node.args[8] == block.get("softcap", 0.0)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = module(x)
+        assert (result.program.run({"x": x})["output"] - want).abs().max().item() <= 1e-5
+    # and through the onnxruntime target (soft cap: the reference formula; the others: SDPA -> Attention)
+    target = OnnxRuntimeTarget({"threads": 1})
+    target.lower(result.program, tmp_path)
+    got = target.load(tmp_path).run({"x": x})["output"]
+    assert abs(got - want.numpy()).max() <= 1e-5
+
+
+def test_broken_soft_cap_is_not_fused(export_module):
+    program = export_module(_ScoreForms("softcap", cap_out=4.0))
+    result = FuseAttentionPass()(program)
+    assert result.modified is False and result.stats["fused"] == 0
+    assert result.stats["misses"][0]["reason"] == "softmax input is not q @ k^T (not an attention block)"
