@@ -157,9 +157,8 @@ def _scalar(value: Any) -> float | None:
 
 
 def _scores_add(node: Any) -> tuple[torch.fx.Node, Any] | None:
-    """For `scores + term` (either order, alpha 1): (scores side, term), else None."""
-    if not isinstance(node, torch.fx.Node) or node.target not in _ADDS or node.kwargs.get("alpha", 1) != 1 \
-            or len(node.args) < 2:
+    """For `scores + term` (either order): (scores side, term), else None."""
+    if not isinstance(node, torch.fx.Node) or node.target not in _ADDS or len(node.args) < 2:
         return None
     left, right = node.args[:2]
     if _is_scores_side(left):
@@ -193,7 +192,7 @@ def _match_eager(softmax: torch.fx.Node) -> dict[str, Any]:
     # additive mask, so several terms are summed into it (call() inserts the adds).
     terms = []
     while (found := _scores_add(scores)) is not None:
-        if scores.target is aten.add.Tensor and not terms and scores.kwargs.get("alpha", 1) != 1:
+        if scores.kwargs.get("alpha", 1) != 1:
             raise NoMatch("mask add has alpha != 1")
         _only_user(scores, "masked scores")
         chain.append(scores)
