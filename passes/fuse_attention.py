@@ -214,6 +214,9 @@ def _match_eager(softmax: torch.fx.Node) -> dict[str, Any]:
         scale = factor if scores.target in _MULS else 1.0 / factor
         scores = scores.args[0]
     if not isinstance(scores, torch.fx.Node) or scores.target is not aten.matmul.default:
+        if _reaches_baddbmm(softmax.args[0]):
+            raise NoMatch("scores come from baddbmm (a bias such as BLOOM's ALiBi plus q @ k^T over flattened "
+                          "heads): form not matched")
         raise NoMatch("softmax input is not q @ k^T (not an attention block)")
     _only_user(scores, "attention scores")
     chain.append(scores)
@@ -265,6 +268,19 @@ def _is_scores_side(node: Any) -> bool:
         else:
             break
     return isinstance(node, torch.fx.Node) and node.target is aten.matmul.default
+
+
+def _reaches_baddbmm(node: Any, depth: int = 4) -> bool:
+    """Do the scores come from `baddbmm` through adds and reshapes (a few steps up)?"""
+    if not isinstance(node, torch.fx.Node) or depth < 0:
+        return False
+    if node.target is aten.baddbmm.default:
+        return True
+    if node.target in _ADDS:
+        return any(_reaches_baddbmm(a, depth - 1) for a in node.args[:2])
+    if node.target in _RESHAPES:
+        return _reaches_baddbmm(node.args[0], depth - 1)
+    return False
 
 
 def _summed_mask(terms: list[torch.fx.Node], before: torch.fx.Node) -> torch.fx.Node | None:

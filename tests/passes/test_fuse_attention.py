@@ -344,3 +344,28 @@ def test_broken_soft_cap_is_not_fused(export_module):
     result = FuseAttentionPass()(program)
     assert result.modified is False and result.stats["fused"] == 0
     assert result.stats["misses"][0]["reason"] == "softmax input is not q @ k^T (not an attention block)"
+
+
+class _BaddbmmScores(torch.nn.Module):
+    """BLOOM's form: scores = baddbmm(alibi, q, k^T) over flattened (batch x heads), viewed back to 4-D."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.wq, self.wk, self.wv = (torch.nn.Parameter(torch.randn(8, 8, generator=gen) * 0.3) for _ in range(3))
+        self.alibi = torch.nn.Parameter(torch.randn(2, 1, 2, generator=gen))
+
+    def forward(self, x):
+        b = x.shape[0]
+        q, k, v = ((x @ w).view(b, 2, 2, 2).transpose(1, 2).reshape(b * 2, 2, 2) for w in (self.wq, self.wk, self.wv))
+        alibi = self.alibi.repeat(b, 1, 1)
+        scores = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=0.5).view(b, 2, 2, 2)
+        weights = torch.softmax(scores, dim=-1).view(b * 2, 2, 2)
+        return torch.bmm(weights, v).view(b, 2, 2, 2).transpose(1, 2).reshape(b, 8)
+
+
+def test_baddbmm_scores_are_reported_with_their_form(export_module):
+    program = export_module(_BaddbmmScores())
+    result = FuseAttentionPass()(program)
+    assert result.modified is False and result.stats["fused"] == 0
+    assert result.stats["misses"][0]["reason"].startswith("scores come from baddbmm")
