@@ -272,9 +272,14 @@ def build_key(loaded: LoadedRecipe, model: LoadedModel, stop_after: str | None) 
 
 
 def _cached(store: LocalStore, key: str) -> Artifact | None:
-    """A stored, passed artifact with this build key whose files still match their digests."""
+    """A stored, passed artifact with this build key whose files still match their digests and that fits
+    this machine (a store copied from another one may hold a build this CPU cannot run exactly)."""
+    from .registry.compat import manifest_incompatibilities
+
     for artifact in store.list():
         if artifact.manifest.get("build_key") == key and artifact.manifest.get("status") == "passed":
+            if manifest_incompatibilities(artifact.manifest):
+                continue
             try:
                 artifact.verify()
             except CompilekitError:

@@ -9,7 +9,9 @@ M = 256 rows, K x N = 384 x 1536, ORT 1.32; p50 of 200 runs):
   as the GEMM saves); `MatMulInteger` on int8 x int8 4780 us (no fast kernel for signed activations).
   So `dynamic` lowers to DynamicQuantizeMatMul, `static` to QuantizeLinear(uint8, zero point 128) +
   MatMulIntegerToFloat (the same integers as symmetric int8, shifted by 128), `per_token` to the
-  MatMulInteger form (more accurate, not faster than fp32 on this CPU).
+  MatMulInteger form (more accurate, not faster than fp32 on this CPU). These translations write int8
+  weights; on CPUs without VNNI ORT multiplies those inexactly, and the onnxruntime target turns them into
+  uint8 + 128 (targets/ort_int8.py).
 - int4 / int8 groups: `MatMulNBits`; at one row (decode), `accuracy_level` 4 (int8 activations per block)
   ran in 23 us against 41 us for float compute (K x N = 576 x 1536). Its float `zero_points` take 481 us,
   so asymmetric groups keep the default zero point and add their offsets outside (`nbits_linear`).

@@ -208,3 +208,17 @@ def test_build_cache_reuses_a_stored_build_until_its_inputs_change(tiny_recipe, 
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
     again = compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir)
     assert not again.reused and again.artifact.id == first.artifact.id
+
+
+def test_build_cache_skips_a_build_that_does_not_fit_this_machine(tiny_recipe, registry_dir, monkeypatch):
+    """A store copied from another machine may hold the same build made for a CPU this one is not (int8
+    weights without VNNI here): the compile builds again instead of handing it out."""
+    from compilekit.registry import compat
+
+    first = compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir)
+    monkeypatch.setattr(compat, "manifest_incompatibilities", lambda manifest: ["its int8 MatMuls have int8 weights"])
+    again = compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir)
+    assert not again.reused and "export" in again.stages
+    monkeypatch.undo()
+    assert compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir).reused
+    assert first.manifest["build_key"] == again.manifest["build_key"]

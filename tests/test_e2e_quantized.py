@@ -35,6 +35,14 @@ def test_minilm_int8(tmp_path):
     assert row["stats"]["quantized"] + len(auto["keep_float"]) == 37  # 36 encoder linears + the pooler
     assert auto["keep_float"] == [r["layer"] for r in auto["sensitivity"]][:len(auto["keep_float"])]
     assert manifest["build"]["nodes"]["com.microsoft::DynamicQuantizeMatMul"] >= 20
+    from compilekit.targets.ort_int8 import signed_int8_exact
+
+    # int8 weights only where ORT multiplies them exactly (x86 with VNNI); elsewhere uint8 + 128
+    assert manifest["build"]["int8_weights"] == ("int8" if signed_int8_exact() else "uint8")
+    # The lowered model computes the program's numbers: its ledger row is no worse than the pass's.
+    ledger = {r["name"]: r for r in manifest["passes"]}
+    cos = {k: ledger[k]["metrics"]["last_hidden_state"]["cosine_min"] for k in ("quantize.int8", "lower:onnxruntime")}
+    assert cos["lower:onnxruntime"] >= cos["quantize.int8"] - 1e-3, cos
 
 
 def test_smollm2_int4(tmp_path):

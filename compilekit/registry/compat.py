@@ -1,7 +1,8 @@
 """Does an artifact fit this machine? Checked before a pull downloads anything (from the OCI manifest's
 annotations) and before an artifact loads (from its manifest): a TensorRT engine needs TensorRT and a GPU,
 the TensorRT version it was built with (unless version-compatible), and a compatible compute capability
-(unless built hardware-compatible); ORT GPU providers need onnxruntime-gpu."""
+(unless built hardware-compatible); ORT GPU providers need onnxruntime-gpu; int8 MatMuls built with int8
+weights need a CPU with VNNI (without it ORT's u8s8 kernel saturates: compilekit.targets.ort_int8)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,14 @@ def incompatibilities(notes: Mapping[str, str]) -> list[str]:
         if lacking:
             reasons.append(f"it runs on ONNX Runtime providers {lacking}, which this onnxruntime lacks "
                            "(install onnxruntime-gpu)")
+    if backend == "onnxruntime" and notes.get("dev.compilekit.ort.int8-weights") == "int8":
+        from compilekit.targets.ort_int8 import signed_int8_exact
+
+        if not signed_int8_exact():
+            reasons.append("its int8 MatMuls have int8 weights, which ONNX Runtime multiplies exactly only on x86 "
+                           "CPUs with VNNI (avx512_vnni / avx_vnni), and this CPU has none: its u8s8 kernel "
+                           "saturates and the outputs would be wrong (compile it here, or with target option "
+                           "int8_weights: uint8, exact everywhere)")
     return reasons
 
 

@@ -92,6 +92,7 @@ def annotations(manifest: dict[str, Any]) -> dict[str, str]:
         "dev.compilekit.stopped-after": manifest.get("stopped_after"),
         "dev.compilekit.ort.providers": ",".join(options.get("providers") or ["cpu"])
         if target.get("backend") == "onnxruntime" else None,
+        "dev.compilekit.ort.int8-weights": build.get("int8_weights") if target.get("backend") == "onnxruntime" else None,
     }
     return {k: (json.dumps(v) if isinstance(v, bool) else str(v)) for k, v in values.items() if v is not None}
 

@@ -18,6 +18,7 @@ from ..kvcache import BLOCK_TABLE, CACHE_POSITION, INPUT_IDS, LOGITS, POSITION_I
 from . import BuildResult, Runner, Target, TargetOptions
 from .onnx import lower_to_onnx, lowest_ir_version
 from .ort_attention import contrib_attention_as_standard, ort_has_standard_attention
+from .ort_int8 import int8_weights_as_uint8, resolve_int8_weights
 
 MODEL_FILE = "model.onnx"
 
@@ -62,6 +63,12 @@ class OnnxRuntimeOptions(TargetOptions):
         "split", description="split: residual add + LayerNorm stays Add + LayerNormalization, and the session "
         "disables ORT's SkipLayerNormFusion. On ORT 1.32 CPU com.microsoft.SkipLayerNormalization measured 3-4x "
         "slower than the pair (213 vs 53 us at 2x128x384). SkipSimplifiedLayerNormalization (RMS) is kept.")
+    int8_weights: Literal["auto", "int8", "uint8"] = Field(
+        "auto", description="The weight type of ORT's int8 MatMuls (DynamicQuantizeMatMul, MatMulIntegerToFloat, "
+        "MatMulInteger). int8: fastest on x86 CPUs with VNNI, but on CPUs without it ORT's u8s8 kernel saturates "
+        "16-bit sums and the results are wrong; the artifact then refuses to load on such a CPU. uint8: the same "
+        "integers shifted by 128 (zero point 128), exact on every CPU. auto: int8 where this CPU has VNNI, "
+        "else uint8 (compilekit/targets/ort_int8.py).")
 
 
 _FP8_WORKAROUND = "QDQSelectorActionTransformer"
@@ -98,6 +105,9 @@ class OnnxRuntimeRunner(Runner):
             # ORT fuses INT4 DequantizeLinear + MatMul into MatMulNBits at accuracy_level 4 (int8 activations)
             # by default; TensorRT multiplies in float, and so must the ORT run that checks its ONNX.
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+            # ...and its Q/DQ must run as written (float MatMuls of dequantized values), not as ORT's fused
+            # integer kernels: on x86 CPUs without VNNI those saturate (ort_int8), TensorRT's do not.
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
         start = time.perf_counter()
         disabled = ["SkipLayerNormFusion"] if options.skip_layer_norm == "split" else []
         providers = [(_PROVIDERS[p], dict(options.provider_options.get(p, {}))) for p in options.providers]
@@ -253,45 +263,68 @@ class OnnxRuntimeTarget(Target):
                               external_data=self.options.external_data)
         fusions: dict[str, int] = {}
         notes: list[str] = []
+        int8_weights = None
         if flavor == "tensorrt":
             notes.append("tensorrt flavor: standard ONNX as TensorRT's parser takes it, run by ONNX Runtime")
-        elif self.options.ort_fusions or self.options.skip_layer_norm == "split":
-            log("ONNX-level fusions for ONNX Runtime")
-            fusions, dropped = self._fuse_or_keep(path, files, program)
-            if dropped:
-                notes.append(f"ONNX-level fusions dropped, plain ONNX kept: {dropped}")
+        else:
+            int8_weights = _int8_weights_of(program, self.options)
+            if self.options.ort_fusions or self.options.skip_layer_norm == "split" or int8_weights == "uint8":
+                log("ONNX-level fusions for ONNX Runtime")
+                fusions, dropped = self._fuse_or_keep(path, files, program, int8_weights)
+                if dropped:
+                    notes.append(f"ONNX-level fusions dropped, plain ONNX kept: {dropped}")
         log(f"wrote {', '.join(f.name for f in files)}; building an ONNX Runtime session")
         # Building a session proves ORT accepts the graph at the chosen optimization level.
         runner = self.load(out_dir)
         if runner.input_names != [t.name for t in program.inputs]:
             raise LoweringError(f"the ONNX model's inputs {runner.input_names} differ from the program's "
                                 f"{[t.name for t in program.inputs]}")
-        return BuildResult([f.relative_to(out_dir).as_posix() for f in files],
-                           {"session_seconds": round(runner.session_seconds, 3), "nodes": _count_nodes(path),
-                            "ort_fusions": fusions, "notes": notes})
+        build = {"session_seconds": round(runner.session_seconds, 3), "nodes": _count_nodes(path),
+                 "ort_fusions": fusions, "notes": notes}
+        if int8_weights is not None:
+            build["int8_weights"] = int8_weights
+        return BuildResult([f.relative_to(out_dir).as_posix() for f in files], build)
 
-    def _fuse_or_keep(self, path: Path, files: list[Path], program: Program) -> tuple[dict[str, int], str | None]:
+    def _fuse_or_keep(self, path: Path, files: list[Path], program: Program,
+                      int8_weights: str | None) -> tuple[dict[str, int], str | None]:
         """Apply the ONNX-level fusions into a side directory and keep them only if ONNX Runtime loads and runs
         the result and it matches the plain ONNX at two input sizes. onnxscript's fusions can produce graphs
         ORT rejects or cannot run (GPT-2's attention output projection was one: "Gemm input 0 expected to have
         rank 2 but has rank 3", now fixed by _flatten_attention_into_gemm); the plain graph is then the right
-        build."""
+        build. The uint8 weights of int8 MatMuls (`int8_weights`) are not optional: when the fusions fail,
+        the plain graph gets that rewrite alone."""
         import shutil
 
         side = path.parent / ".ort-fusions"
-        side.mkdir()
+
+        def attempt(fusions: bool) -> dict[str, int]:
+            shutil.rmtree(side, ignore_errors=True)
+            side.mkdir()
+            counts, fused = _fuse_for_ort(path, files, self.options, side / path.name, int8_weights=int8_weights,
+                                          fusions=fusions)
+            # uint8 weights make the fused model exact where the plain one may saturate: judge both by the program.
+            _same_outputs(OnnxRuntimeRunner(path, self.options, threads=1),
+                          OnnxRuntimeRunner(side / path.name, self.options, threads=1), program,
+                          by_program=int8_weights == "uint8")
+            for src in fused:
+                os.replace(src, path.parent / src.name)
+            return counts
+
         try:
             try:
-                counts, fused = _fuse_for_ort(path, files, self.options, side / path.name)
-                _same_outputs(OnnxRuntimeRunner(path, self.options, threads=1),
-                              OnnxRuntimeRunner(side / path.name, self.options, threads=1), program)
+                return attempt(fusions=True), None
             except Exception as exc:  # any failure of the optional step falls back to the checked plain ONNX
                 text = str(exc).replace(f"ONNX Runtime cannot load {side / path.name}: ", "ORT refused it: ")
                 text = text.replace(str(side / path.name), "the fused model").strip().splitlines()
-                return {}, text[0][:300] if text else type(exc).__name__
-            for src in fused:
-                os.replace(src, path.parent / src.name)
-            return counts, None
+                dropped = text[0][:300] if text else type(exc).__name__
+            if int8_weights != "uint8":
+                return {}, dropped
+            try:
+                return attempt(fusions=False), dropped
+            except Exception as exc:
+                raise LoweringError(f"the int8 MatMuls could not be given uint8 weights: {exc}",
+                                    hint="set target.options.int8_weights: int8 to keep int8 weights (exact only "
+                                    "on CPUs with VNNI), or report the model") from None
         finally:
             shutil.rmtree(side, ignore_errors=True)
 
@@ -339,12 +372,14 @@ def _cosine(a, b) -> float:
     return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-300))
 
 
-def _same_outputs(plain: OnnxRuntimeRunner, fused: OnnxRuntimeRunner, program: Program) -> None:
+def _same_outputs(plain: OnnxRuntimeRunner, fused: OnnxRuntimeRunner, program: Program, *,
+                  by_program: bool = False) -> None:
     """Run both at two small input sizes (token ids 0/1, valid for any vocabulary); raise if they differ by
     more than 1e-3 relative to the output's range. A program that quantizes activations at run time can
     legitimately differ more (a norm computed in another order moves a value across a rounding step): the
     fused model then passes if it is no further from the program's own outputs than the plain one (cosine
-    miss at most twice the plain one's)."""
+    miss at most twice the plain one's). `by_program`: judge that way in any case (the fused model's uint8
+    int8-weights are exact where the plain model's int8 ones saturate)."""
     from types import SimpleNamespace
 
     import torch
@@ -362,7 +397,7 @@ def _same_outputs(plain: OnnxRuntimeRunner, fused: OnnxRuntimeRunner, program: P
         for bump in (0, 3):
             sizes = {d.name: max(d.min, min(d.max, max(2, min(d.opt, 8)) + bump)) for d in program.dims}
             feeds.append(make_inputs(specs, sizes, vocab_size=2, generator=gen))
-    quantized = _quantizes_at_run_time(program)
+    quantized = by_program or _quantizes_at_run_time(program)
     for feed in feeds:
         sizes = {k: tuple(v.shape) for k, v in list(feed.items())[:3]}
         want, got = plain.run(feed), fused.run(feed)
@@ -384,16 +419,29 @@ def _same_outputs(plain: OnnxRuntimeRunner, fused: OnnxRuntimeRunner, program: P
             raise LoweringError(f"the fused model's {name} differs from the plain ONNX by {err:.3g} at {sizes}")
 
 
-def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
-                  out: Path) -> tuple[dict[str, int], list[Path]]:
+def _int8_weights_of(program: Program, options: OnnxRuntimeOptions) -> str | None:
+    """The weight type the lowered model's int8 MatMuls get (options.int8_weights resolved for this CPU), or
+    None when the program has no int8 linear (which is what lowers to them)."""
+    import torch
+
+    if not any(node.target is torch.ops.compilekit.int8_linear.default for node in program.graph.nodes):
+        return None
+    return resolve_int8_weights(options.int8_weights)
+
+
+def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions, out: Path, *,
+                  int8_weights: str | None = None, fusions: bool = True) -> tuple[dict[str, int], list[Path]]:
     """ONNX-level rewrites for ONNX Runtime of `path`, written to `out` (and its external data file).
-    Returns the fusions that fired and the files written."""
+    `fusions`: the optional rewrites the options ask for; `int8_weights == "uint8"`: int8 MatMul weights to
+    uint8 (exact on every CPU; ort_int8), done either way. Returns the fusions that fired and the files written."""
     import onnx_ir as ir
 
     model = ir.load(str(path))
     # The fusions re-infer shapes and rename the signature's dims; keep the recipe's names.
     signature = {v.name: v.shape for v in (*model.graph.inputs, *model.graph.outputs)}
     counts: dict[str, int] = {}
+    if not fusions:
+        options = options.model_copy(update={"ort_fusions": False, "pack_matmuls": False, "skip_layer_norm": "fused"})
     if options.ort_fusions:
         # onnxscript's ort_fusions already recognise the exporter's SDPA, Gelu and norm patterns and emit
         # the contrib ops ORT runs fastest on CPU; compilekit's IR passes put the graph into those forms.
@@ -422,7 +470,7 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
         packed = _pack_sibling_matmuls(model)
         if packed:
             counts["packed_matmuls"] = packed
-    nibble_pairs = _nbits8_as_nibble_pairs(model)
+    nibble_pairs = _nbits8_as_nibble_pairs(model) if fusions else 0
     if nibble_pairs:
         counts["nbits8_as_nibble_pairs"] = nibble_pairs
     if options.pack_matmuls:
@@ -433,6 +481,10 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions,
         split = _split_skip_layer_norm(model)
         if split:
             counts["skip_layer_norm_split"] = split
+    if int8_weights == "uint8":  # after packing: _pack_sibling_dynamic_quantize takes no zero points
+        as_uint8 = int8_weights_as_uint8(model)
+        if as_uint8:
+            counts["int8_weights_as_uint8"] = as_uint8
     for value in (*model.graph.inputs, *model.graph.outputs):
         if value.name in signature:
             value.shape = signature[value.name]

@@ -14,7 +14,6 @@ from compilekit.errors import PassError
 from compilekit.ir import op_histogram
 from compilekit.pipeline import PassContext, get_pass
 from compilekit.targets.onnx import lower_to_onnx
-from compilekit.targets.onnxruntime import open_session
 from compilekit.verify import compare
 
 INT8 = "compilekit.int8_linear"
@@ -39,12 +38,21 @@ def _run(program, batches):
 
 
 def _ort(program, batches, tmp_path: Path, flavor="onnxruntime", opset=21):
-    path = lower_to_onnx(program, tmp_path / f"{flavor}.onnx", opset=opset, flavor=flavor)[0]
-    sess = open_session(path, providers=["CPUExecutionProvider"])  # as the runner opens it (ORT 1.30 and fp8)
-    names = [o.name for o in sess.get_outputs()]
-    outs = [dict(zip(names, map(torch.from_numpy, sess.run(None, {k: v.numpy() for k, v in b.items()}))))
-            for b in batches]
-    return outs, Counter(n.op_type for n in onnx.load(str(path)).graph.node), onnx.load(str(path))
+    """Lower through the target as a compile does (the onnxruntime flavor with only its mandatory rewrites:
+    uint8 int8-weights where this CPU needs them), and run the result with the target's runner."""
+    from compilekit.targets.onnxruntime import MODEL_FILE, OnnxRuntimeTarget
+
+    out = tmp_path / flavor
+    out.mkdir()
+    options = {"opset": opset, "threads": 2, "flavor": flavor}
+    if flavor == "onnxruntime":
+        options.update(ort_fusions=False, pack_matmuls=False, skip_layer_norm="fused")
+    target = OnnxRuntimeTarget(options)
+    target.lower(program, out)
+    runner = target.load(out)
+    outs = [{k: torch.from_numpy(v) for k, v in runner.run(b).items()} for b in batches]
+    model = onnx.load(str(out / MODEL_FILE))
+    return outs, Counter(n.op_type for n in model.graph.node), model
 
 
 def _linears(program):

@@ -252,3 +252,59 @@ def test_int8_siblings_are_packed_and_match_the_program(bert, tmp_path):
     want = [quantized.run(b) for b in batches]
     got = [{k: torch.from_numpy(v) for k, v in runner.run(b).items()} for b in batches]
     assert compare(want, got)["last_hidden_state"].sqnr_db > 60.0
+
+
+@pytest.mark.parametrize("setting", ["int8", "uint8"])
+def test_int8_weights_setting_decides_the_weight_type(bert, tmp_path, setting):
+    """`int8_weights` reaches every int8 MatMul and the build info (which the compatibility check reads);
+    either way the runner matches the program on this CPU only where it is exact here."""
+    from compilekit.pipeline import get_pass
+    from compilekit.targets.ort_int8 import signed_int8_exact
+    from compilekit.verify import compare
+
+    program, inputs = bert
+    quantized = get_pass("quantize.int8")({})(program).program
+    target = OnnxRuntimeTarget({"threads": 1, "int8_weights": setting})
+    result = target.lower(quantized, tmp_path)
+    assert result.info["int8_weights"] == setting
+    model = onnx.load(str(tmp_path / MODEL_FILE))
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    weights = [inits[n.input[1]] for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    want = onnx.TensorProto.INT8 if setting == "int8" else onnx.TensorProto.UINT8
+    assert len(weights) == 13 - 2 * 2 and set(weights) == {want}
+    if setting == "uint8":
+        assert result.info["ort_fusions"]["int8_weights_as_uint8"] == len(weights)
+    if setting == "uint8" or signed_int8_exact():
+        runner = target.load(tmp_path, threads=1)
+        batches = [_data(inputs, 2, 8, seed) for seed in (1, 2)]
+        got = [{k: torch.from_numpy(v) for k, v in runner.run(b).items()} for b in batches]
+        assert compare([quantized.run(b) for b in batches], got)["last_hidden_state"].sqnr_db > 60.0
+
+
+def test_a_float_model_records_no_int8_weights(built):
+    _, _, result = built
+    assert "int8_weights" not in result.info and "int8_weights_as_uint8" not in result.info["ort_fusions"]
+
+
+def test_uint8_weights_survive_a_failed_fusion_step(bert, tmp_path, monkeypatch):
+    """The fusions are optional and fall back to the plain ONNX; the uint8 weights are not: a failed fusion
+    step still leaves every int8 MatMul with uint8 weights, and the build says the fusions were dropped."""
+    from compilekit.pipeline import get_pass
+    from compilekit.targets import onnxruntime as ort_target
+
+    real = ort_target._fuse_for_ort
+
+    def failing(path, files, options, out, *, int8_weights=None, fusions=True):
+        if fusions:
+            raise RuntimeError("a fusion broke the graph")
+        return real(path, files, options, out, int8_weights=int8_weights, fusions=fusions)
+
+    monkeypatch.setattr(ort_target, "_fuse_for_ort", failing)
+    program, _ = bert
+    quantized = get_pass("quantize.int8")({})(program).program
+    result = OnnxRuntimeTarget({"threads": 1, "int8_weights": "uint8"}).lower(quantized, tmp_path)
+    assert any("a fusion broke the graph" in n for n in result.info["notes"])
+    assert result.info["ort_fusions"] == {"int8_weights_as_uint8": 13}  # nothing packed: one per linear
+    model = onnx.load(str(tmp_path / MODEL_FILE))
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    assert {inits[n.input[1]] for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul"} == {onnx.TensorProto.UINT8}
