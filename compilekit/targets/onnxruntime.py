@@ -19,6 +19,7 @@ from . import BuildResult, Runner, Target, TargetOptions
 from .onnx import lower_to_onnx, lowest_ir_version
 from .ort_attention import contrib_attention_as_standard, ort_has_standard_attention
 from .ort_int8 import int8_weights_as_uint8, resolve_int8_weights
+from .ort_residual import fold_residual_bias
 
 MODEL_FILE = "model.onnx"
 
@@ -63,6 +64,10 @@ class OnnxRuntimeOptions(TargetOptions):
         "split", description="split: residual add + LayerNorm stays Add + LayerNormalization, and the session "
         "disables ORT's SkipLayerNormFusion. On ORT 1.32 CPU com.microsoft.SkipLayerNormalization measured 3-4x "
         "slower than the pair (213 vs 53 us at 2x128x384). SkipSimplifiedLayerNormalization (RMS) is kept.")
+    fold_residual_bias: bool = Field(
+        True, description="Where a LayerNorm's output is both a residual and a projection's input, add the residual "
+        "branch's output bias to that norm's beta and take it back out of the projection's bias: one Add fewer per "
+        "residual, the same values up to fp32 rounding (compilekit/targets/ort_residual.py).")
     int8_weights: Literal["auto", "int8", "uint8"] = Field(
         "auto", description="The weight type of ORT's int8 MatMuls (DynamicQuantizeMatMul, MatMulIntegerToFloat, "
         "MatMulInteger). int8: fastest on x86 CPUs with VNNI, but on CPUs without it ORT's u8s8 kernel saturates "
@@ -441,7 +446,8 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions, ou
     signature = {v.name: v.shape for v in (*model.graph.inputs, *model.graph.outputs)}
     counts: dict[str, int] = {}
     if not fusions:
-        options = options.model_copy(update={"ort_fusions": False, "pack_matmuls": False, "skip_layer_norm": "fused"})
+        options = options.model_copy(update={"ort_fusions": False, "pack_matmuls": False, "skip_layer_norm": "fused",
+                                             "fold_residual_bias": False})
     if options.ort_fusions:
         # onnxscript's ort_fusions already recognise the exporter's SDPA, Gelu and norm patterns and emit
         # the contrib ops ORT runs fastest on CPU; compilekit's IR passes put the graph into those forms.
@@ -481,6 +487,10 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions, ou
         split = _split_skip_layer_norm(model)
         if split:
             counts["skip_layer_norm_split"] = split
+    if options.fold_residual_bias:  # after the split: it folds the bias Add the split writes
+        folded = fold_residual_bias(model)
+        if folded:
+            counts["residual_bias_folded"] = folded
     if int8_weights == "uint8":  # after packing: _pack_sibling_dynamic_quantize takes no zero points
         as_uint8 = int8_weights_as_uint8(model)
         if as_uint8:
