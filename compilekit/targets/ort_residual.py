@@ -99,8 +99,8 @@ def _match(norm) -> dict[str, Any] | None:
 
 
 def fold_residual_bias(model) -> int:
-    """Fold each matching residual bias into the LayerNormalization before it (module docstring). `model` is
-    an onnx_ir Model, edited in place. Returns the residual Adds removed."""
+    """Fold each matching residual bias into the LayerNormalization before it (module docstring), then drop
+    what nothing reads any more. `model` is an onnx_ir Model, edited in place. Returns the residual Adds removed."""
     import numpy as np
     import onnx_ir as ir
 
@@ -127,4 +127,10 @@ def fold_residual_bias(model) -> int:
             new.name = name
         graph.remove(m["bias_add"], safe=True)
         count += 1
+    if count:
+        # the replaced betas and biases (and the Concats that packed a QKV bias) are now unread: ORT would
+        # warn about each, and the file would carry them
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(model)
     return count

@@ -135,3 +135,12 @@ def test_a_pre_norm_decoder_has_nothing_to_fold(llama, tmp_path):
     program = FuseAttentionPass()(DeadCodePass()(llama.program).program).program
     result = OnnxRuntimeTarget({"threads": 1}).lower(program, tmp_path)
     assert "residual_bias_folded" not in result.info["ort_fusions"]
+
+
+def test_the_replaced_constants_leave_the_file(bert_fused, tmp_path):
+    program, _ = bert_fused
+    OnnxRuntimeTarget({"threads": 1}).lower(program, tmp_path)
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    read = {name for node in model.graph.node for name in node.input}
+    unread = [i.name for i in model.graph.initializer if i.name not in read]
+    assert unread == []
