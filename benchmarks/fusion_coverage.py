@@ -2,7 +2,8 @@
 (ORT contrib or the standard opset-23 one) the onnxruntime target ends up with, and the error of ONNX Runtime against eager transformers.
 
 For each tiny random-weight architecture of tests/conftest.py (TINY_ARCHS) and each transformers attention
-implementation (eager, sdpa): export, run cleanup.dead_code + fuse.attention, lower to the onnxruntime target, run
+implementation (eager, sdpa): export, run cleanup.dead_code + simplify.mask + fuse.attention (the default recipe's
+order; `mask ops` is how many ops simplify.mask removed), lower to the onnxruntime target, run
 ONNX Runtime on a padded batch and compare with eager. Prints one table. If the target cannot build a model with
 its default options, the row says why (`note`), the contrib-op counts are those onnxscript's ORT fusions produced
 before the failure (marked `†`), and the error comes from a build with `ort_fusions: false` (marked `*`), so the
@@ -30,6 +31,7 @@ import torch
 from compilekit.errors import CompilekitError
 from compilekit.inputs import make_inputs
 from compilekit.passes.dead_code import DeadCodePass
+from compilekit.passes.simplify_mask import SimplifyMaskPass
 from compilekit.passes.fuse_attention import FuseAttentionPass
 from compilekit.targets.onnxruntime import OnnxRuntimeTarget
 
@@ -85,7 +87,9 @@ def measure(conftest, arch: str, impl: str, batch: int, seq: int, work: Path) ->
     start = time.perf_counter()
     tiny = conftest._export_tiny(config, task, names, attn_implementation=impl)
     row["layers"] = tiny.loaded.module.config.num_hidden_layers
-    result = FuseAttentionPass()(DeadCodePass()(tiny.program).program)
+    simplified = SimplifyMaskPass()(DeadCodePass()(tiny.program).program)
+    row["mask_ops"] = simplified.stats["ops_removed"]
+    result = FuseAttentionPass()(simplified.program)
     stats = result.stats
     row.update(fused=stats["fused"], unfused=stats["unfused"],
                reason=stats["misses"][0]["reason"] if stats["misses"] else "")
@@ -112,9 +116,9 @@ def measure(conftest, arch: str, impl: str, batch: int, seq: int, work: Path) ->
 
 
 def render(rows: list[dict]) -> str:
-    headers = ["arch", "impl", "layers", "fused", "unfused", "first reason", "Attention", "MHA", "GQA",
+    headers = ["arch", "impl", "layers", "mask ops", "fused", "unfused", "first reason", "Attention", "MHA", "GQA",
                "Attention-23", "max abs err", "s", "note"]
-    table = [[r["arch"], r["impl"], str(r["layers"]), str(r["fused"]), str(r["unfused"]), r["reason"] or "-",
+    table = [[r["arch"], r["impl"], str(r["layers"]), str(r["mask_ops"]), str(r["fused"]), str(r["unfused"]), r["reason"] or "-",
               str(r["Attention"]), str(r["MHA"]), str(r["GQA"]), str(r["Attention-23"]),
               f"{r['err']:.2e}" + ("*" if r["fallback"] else ""), f"{r['seconds']:.1f}", r["note"]]
              for r in rows]
