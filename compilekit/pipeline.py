@@ -213,6 +213,24 @@ def python_scalar(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def same_size(a: Any, b: Any) -> bool:
+    """Two dims that are equal for every input: the same int, or SymInts with the same symbolic expression."""
+    if isinstance(a, int) or isinstance(b, int):
+        return isinstance(a, int) and isinstance(b, int) and a == b
+    return a.node.expr == b.node.expr
+
+
+def graph_has_mutation(graph: torch.fx.Graph, exempt: Callable[[torch.fx.Node], bool] = lambda node: False) -> bool:
+    """Whether any op in `graph` writes in place (metadata asserts and the nodes `exempt` accepts aside): rules
+    that replace a copy by a view are only sound without such writes."""
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and schema.is_mutable \
+                and node.target is not torch.ops.aten._assert_tensor_metadata.default and not exempt(node):
+            return True
+    return False
+
+
 _KEPT_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
 

@@ -23,7 +23,8 @@ from pydantic import Field
 
 from compilekit.ir import Program
 from compilekit.pipeline import node_value as _val
-from compilekit.pipeline import NodeRule, Pass, PassOptions, PassResult, apply_node_rules, register_pass
+from compilekit.pipeline import (NodeRule, Pass, PassOptions, PassResult, apply_node_rules, graph_has_mutation,
+                                 register_pass, same_size)
 
 aten = torch.ops.aten
 
@@ -36,17 +37,7 @@ _ARITH = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, aten.div.T
 
 
 def _same_dims(a, b) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, int) and isinstance(y, int):
-            if x != y:
-                return False
-        elif isinstance(x, int) or isinstance(y, int):
-            return False
-        elif x.node.expr != y.node.expr:  # same symbolic expression: equal for every input size
-            return False
-    return True
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
 
 
 def _common_guard(node: torch.fx.Node) -> str | None:
@@ -191,15 +182,8 @@ RULES = (
 
 
 def _has_mutation(graph: torch.fx.Graph) -> bool:
-    for node in graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op == "call_function" and schema is not None and schema.is_mutable:
-            if node.target is aten._assert_tensor_metadata.default:
-                continue
-            if node.target is aten.detach_.default and _is_fresh_constant(node):
-                continue  # a tensor literal's own fresh copy: nothing else can see the write
-            return True
-    return False
+    # a tensor literal's own fresh copy (`detach_` of it): nothing else can see the write
+    return graph_has_mutation(graph, exempt=lambda node: node.target is aten.detach_.default and _is_fresh_constant(node))
 
 
 @register_pass

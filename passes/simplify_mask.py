@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from compilekit.ir import Program
-from compilekit.pipeline import NodeRule, Pass, PassOptions, PassResult, apply_node_rules, register_pass
+from compilekit.pipeline import (NodeRule, Pass, PassOptions, PassResult, apply_node_rules, graph_has_mutation,
+                                 register_pass, same_size)
 from compilekit.pipeline import node_value as _val
 
 aten = torch.ops.aten
@@ -35,12 +36,6 @@ _VIEWS = {aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten.
 _ANDS = {aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default}
 _TRUE_FILLS = {aten.new_ones.default, aten.ones.default, aten.full.default, aten.new_full.default,
                aten.scalar_tensor.default}
-
-
-def _same_size(a: Any, b: Any) -> bool:
-    if isinstance(a, int) or isinstance(b, int):
-        return isinstance(a, int) and isinstance(b, int) and a == b
-    return a.node.expr == b.node.expr
 
 
 def _arange_of(node: Any) -> torch.fx.Node | None:
@@ -56,7 +51,7 @@ def _arange_of(node: Any) -> torch.fx.Node | None:
     return node if start == 0 and step == 1 else None
 
 
-def _all_true(node: Any, seen: dict | None = None) -> bool:
+def _all_true(node: Any) -> bool:
     """Provably all true, for any input: a True fill, a 0-based arange compared >= 0 (> -1), or an and of those."""
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
@@ -104,13 +99,13 @@ def _index_axes(node: torch.fx.Node) -> list[int] | str:
         if arange is None:
             return "an index is not a 0-based arange"
         length = _val(arange).shape[0]
-        if not _same_size(length, src.shape[d]):
+        if not same_size(length, src.shape[d]):
             return "an arange does not span its dim"
         shape = _val(index).shape
         if len(shape) != out.dim():
             return "index rank differs from the result's"
         wide = [a for a, s in enumerate(shape) if not (isinstance(s, int) and s == 1)]
-        if len(wide) != 1 or not _same_size(shape[wide[0]], length):
+        if len(wide) != 1 or not same_size(shape[wide[0]], length):
             return "an index spans more than one axis (or a size-1 dim)"
         axes.append(wide[0])
     if any(b <= a for a, b in zip(axes, axes[1:])):
@@ -188,7 +183,7 @@ def _check_and(node: torch.fx.Node) -> str | None:
     if not isinstance(kept, torch.Tensor) or kept.dtype != _val(node).dtype:
         return "the other operand has another dtype"
     out = _val(node)
-    if kept.dim() != out.dim() or not all(_same_size(a, b) for a, b in zip(kept.shape, out.shape)):
+    if kept.dim() != out.dim() or not all(same_size(a, b) for a, b in zip(kept.shape, out.shape)):
         free = {s.node.expr for p in node.graph.nodes if p.op == "placeholder" and isinstance(_val(p), torch.Tensor)
                 for s in _val(p).shape if not isinstance(s, int)}
         if any(not isinstance(s, int) and s.node.expr not in free for s in out.shape):
@@ -202,7 +197,7 @@ def _and_as_operand(node: torch.fx.Node) -> bool:
     src = _val(kept)
     graph = node.graph
     replacement = kept
-    if src.dim() != out.dim() or not all(_same_size(a, b) for a, b in zip(src.shape, out.shape)):
+    if src.dim() != out.dim() or not all(same_size(a, b) for a, b in zip(src.shape, out.shape)):
         sizes = _size_nodes(node)
         with graph.inserting_before(node):
             replacement = graph.call_function(aten.expand.default, (kept, sizes))
@@ -219,15 +214,6 @@ RULES = (
 )
 
 
-def _has_mutation(graph: torch.fx.Graph) -> bool:
-    for node in graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op == "call_function" and schema is not None and schema.is_mutable \
-                and node.target is not aten._assert_tensor_metadata.default:
-            return True
-    return False
-
-
 @register_pass
 class SimplifyMaskPass(Pass):
     name = "simplify.mask"
@@ -240,7 +226,7 @@ class SimplifyMaskPass(Pass):
     def call(self, program: Program) -> PassResult:
         gm = program.copy_graph()
         graph = gm.graph
-        graph.meta_has_mutation = _has_mutation(graph)
+        graph.meta_has_mutation = graph_has_mutation(graph)
         before = len(graph.nodes)
         stats = apply_node_rules(graph, RULES)
         del graph.meta_has_mutation
