@@ -115,7 +115,9 @@ register_translation("tensorrt", torch.ops.compilekit.int8_linear.default)(_int8
 #   Weight in ORT MatMulNBits layout (quant.NBitsWeight), bits 4 or 8; offsets [K/g, N] (quant's offsets,
 #   transposed, as the run-time MatMul takes them) or None (symmetric).
 #   compute: `float` (dequantize, float matmul) or `int8` (the activation quantized to symmetric int8 per row
-#   and per group, as MatMulNBits does at accuracy_level 4). Offsets multiply the float per-group sums of x.
+#   and per group, as MatMulNBits does at accuracy_level 4). Offsets multiply the per-group sums of that same
+#   x (quantized at int8 compute, as llama.cpp's Q4_1 x Q8_1 dot product does): the offsets and the scales
+#   then see one x, and the error is sum(w (x_q - x)) rather than sum(d q (x_q - x)).
 
 
 def _group_sums(x: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
@@ -137,8 +139,8 @@ def nbits_linear_reference(x, packed, scales, offsets, bias, in_features: int, g
         inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
         xq = (torch.round(groups * inverse) * scale).reshape(padded.shape)[..., :in_features]
     y = torch.nn.functional.linear(xq, w, bias)
-    if offsets is not None:
-        y = y + _group_sums(xf, group_size, in_features) @ offsets
+    if offsets is not None:  # the sums of the x the weights multiply (quantized at int8 compute)
+        y = y + _group_sums(xq, group_size, in_features) @ offsets
     return y.to(x.dtype)
 
 
@@ -170,7 +172,9 @@ def _nbits_linear_ort(x, packed, scales, offsets, bias, in_features: int, group_
                       compute: str):
     """MatMulNBits with its default (midpoint) zero point: its fast int8-compute path. Offsets are added as
     a small float MatMul of per-group sums: measured here, MatMulNBits with float zero points instead takes
-    ~20x longer at one row (481 us against 23 us, K x N = 576 x 1536), and ignores accuracy_level."""
+    ~20x longer at one row (481 us against 23 us, K x N = 576 x 1536), and ignores accuracy_level. The sums
+    written here are of the float x; at int8 compute the onnxruntime target then takes them from the
+    MatMulNBits itself, of its quantized x (targets.onnxruntime._offsets_from_quantized_sums)."""
     from onnxscript import opset18 as op
 
     _register_nbits_schema()

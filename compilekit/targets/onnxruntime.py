@@ -273,7 +273,8 @@ class OnnxRuntimeTarget(Target):
             notes.append("tensorrt flavor: standard ONNX as TensorRT's parser takes it, run by ONNX Runtime")
         else:
             int8_weights = _int8_weights_of(program, self.options)
-            if self.options.ort_fusions or self.options.skip_layer_norm == "split" or int8_weights == "uint8":
+            if self.options.ort_fusions or self.options.skip_layer_norm == "split" or int8_weights == "uint8" \
+                    or _has_int8_compute_offsets(program):
                 log("ONNX-level fusions for ONNX Runtime")
                 fusions, dropped = self._fuse_or_keep(path, files, program, int8_weights)
                 if dropped:
@@ -370,6 +371,15 @@ def _quantizes_at_run_time(program: Program) -> bool:
         if node.target is torch.ops.compilekit.nbits_linear.default and node.args[-1] == "int8":
             return True
     return False
+
+
+def _has_int8_compute_offsets(program: Program) -> bool:
+    """Asymmetric groups at int8 compute: their offsets need the sums of the quantized x, which only the
+    ONNX-level rewrite (_offsets_from_quantized_sums) gives them."""
+    import torch
+
+    return any(node.target is torch.ops.compilekit.nbits_linear.default and node.args[3] is not None and
+               node.args[-1] == "int8" for node in program.graph.nodes)
 
 
 def _cosine(a, b) -> float:
@@ -476,6 +486,12 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions, ou
         packed = _pack_sibling_matmuls(model)
         if packed:
             counts["packed_matmuls"] = packed
+    # Not optional: the op's semantics (qops.nbits_linear_reference) take the sums of the quantized x.
+    quantized_sums, float_sums = _offsets_from_quantized_sums(model)
+    if quantized_sums:
+        counts["nbits_offsets_from_quantized_sums"] = quantized_sums
+    if float_sums:
+        counts["nbits_offsets_left_on_float_sums (form not recognised)"] = float_sums
     nibble_pairs = _nbits8_as_nibble_pairs(model) if fusions else 0
     if nibble_pairs:
         counts["nbits8_as_nibble_pairs"] = nibble_pairs
@@ -705,6 +721,94 @@ def _pack_sibling_nbits(model) -> int:
     if merged:
         graph.sort()  # users of the old outputs may sit between the siblings
     return merged
+
+
+def _group_sums_source(sums, x, block: int) -> list | None:
+    """The nodes of `ReduceSum(Reshape(x or Pad(x), [..., -1, block]), [-1], keepdims=0)` that produce `sums`
+    (what _nbits_linear_ort writes), consumers first; None if `sums` is not that."""
+    reduce = sums.producer()
+    if reduce is None or (reduce.domain, reduce.op_type) != ("", "ReduceSum") or len(sums.uses()) != 1 or \
+            reduce.attributes.get_int("keepdims", 1) != 0 or len(reduce.inputs) < 2 or \
+            _flat_const(reduce.inputs[1]) is None or list(_flat_const(reduce.inputs[1])) != [-1]:
+        return None
+    reshape = reduce.inputs[0].producer() if reduce.inputs[0] is not None else None
+    if reshape is None or (reshape.domain, reshape.op_type) != ("", "Reshape") or len(reduce.inputs[0].uses()) != 1:
+        return None
+    shape = _flat_const(reshape.inputs[1])
+    if shape is None or int(shape[-1]) != block:
+        return None
+    nodes = [reduce, reshape]
+    source = reshape.inputs[0]
+    if source is not x:
+        pad = source.producer() if source is not None else None
+        pads = _flat_const(pad.inputs[1]) if pad is not None and len(pad.inputs) > 1 else None
+        # zero padding at the end of the last dim only (a whole last block), nothing else
+        if pad is None or (pad.domain, pad.op_type) != ("", "Pad") or pad.inputs[0] is not x or pads is None or \
+                len(source.uses()) != 1 or any(int(p) for i, p in enumerate(pads) if i != len(pads) - 1) or \
+                (len(pad.inputs) > 2 and pad.inputs[2] is not None):
+            return None
+        nodes.append(pad)
+    return nodes
+
+
+def _offsets_from_quantized_sums(model) -> tuple[int, int]:
+    """compilekit's asymmetric groups run as `MatMulNBits(x) + group_sums(x) @ offsets`. At accuracy_level 4
+    MatMulNBits quantizes x to int8 per block, so the first term multiplies the quantized x; the sums must
+    be of the same quantized x (as qops.nbits_linear_reference says, and as llama.cpp's Q4_1 x Q8_1 dot
+    product does). Otherwise the offsets see a different x than the scales, and the error is
+    sum(d q (x_q - x)) instead of sum(w (x_q - x)): on SmolLM2's Q4_1 weights, +0.3% perplexity.
+
+    The sums come out of the same MatMulNBits: G = K / block_size extra output columns whose weights are 1 on
+    one block and 0 elsewhere (scale 1, level = default zero point + 1 on the block), exact in any bit
+    width, so the kernel sums the very int8 x it multiplies. The Reshape / ReduceSum go; a Split follows.
+    Extra bytes: G x K levels per matrix (~2% of SmolLM2's decode reads).
+    Returns (rewritten, left: offset terms at accuracy_level 4 whose form this does not recognise)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    rewritten = left = 0
+    for node in list(graph):
+        if node.domain != "com.microsoft" or node.op_type != "MatMulNBits":
+            continue
+        attrs = {k: int(v.value) for k, v in node.attributes.items()}
+        term = _offset_term(node)
+        if term is None or attrs.get("accuracy_level", 0) != 4:
+            continue  # no offsets, or float compute: the float sums are the sums of the x it multiplies
+        add, matmul = term
+        inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
+        x, b, scales, zero_points, g_idx, bias = inputs[:6]
+        k, n, block, bits = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0), attrs.get("bits", 4)
+        flat_scales = _flat_const(scales)
+        sums_nodes = _group_sums_source(matmul.inputs[0], x, block) if block else None
+        if sums_nodes is None or b is None or b.const_value is None or flat_scales is None or \
+                zero_points is not None or g_idx is not None or bias is not None or bits not in (4, 8):
+            left += 1
+            continue
+        groups = -(-k // block)
+        weights = b.const_value.numpy().reshape(n, groups, -1)
+        levels = np.full((groups, groups, block), 2 ** (bits - 1), np.uint8)  # the default zero point: w = 0
+        levels[np.arange(groups), np.arange(groups)] += 1                    # w = 1 on column g's own block
+        if bits == 4:
+            levels = (levels[..., 0::2] | (levels[..., 1::2] << 4)).astype(np.uint8)
+        ones = np.ones((groups, groups), np.float32)
+        merged = ir.Node("com.microsoft", "MatMulNBits",
+                         [x, _const(graph, f"{node.name}_with_sums", np.concatenate([weights, levels])),
+                          _const(graph, f"{node.name}_with_sums_scales",
+                                 np.concatenate([flat_scales.reshape(n, groups), ones]).reshape(-1))],
+                         attributes=[ir.AttrInt64(a, v) for a, v in {**attrs, "N": n + groups}.items()],
+                         name=f"{node.name}_with_sums")
+        merged.metadata_props.update(node.metadata_props)
+        split = ir.Node("", "Split", [merged.outputs[0], _const(graph, f"{node.name}_with_sums_sizes",
+                                                               np.array([n, groups], np.int64))],
+                        attributes=[ir.AttrInt64("axis", -1)], num_outputs=2, name=f"{node.name}_with_sums_split")
+        graph.insert_before(node, [merged, split])
+        matmul.replace_input_with(0, split.outputs[1])
+        _reroute(graph, [node.outputs[0]], [split.outputs[0]], [*sums_nodes, node])
+        rewritten += 1
+    if rewritten:
+        graph.sort()  # the sums' old nodes may have sat between the MatMulNBits and the Add
+    return rewritten, left
 
 
 def _nbits8_as_nibble_pairs(model) -> int:

@@ -31,6 +31,12 @@ class Linear:
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)  # type: ignore[return-value]
 
+    @property
+    def current_x(self) -> torch.fx.Node:
+        """The node's input now: `x` itself may be a linear this pass already replaced (linear after linear),
+        and replace_node moved its uses, the node's own args included, to the replacement."""
+        return self.node.args[0]
+
 
 def module_name(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}

@@ -46,7 +46,7 @@ class QuantizeFp8Pass(QuantizePass):
             w_scale = quant.fp8_scale(w.abs().max())
             w8 = (w.t() / w_scale).clamp(-quant.FP8_E4M3_MAX, quant.FP8_E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
             x_scale = float(quant.fp8_scale(observed[lin.node.name].tensor_absmax()))
-            args = (lin.x, edit.add(f"{lin.name}.weight_fp8", w8), edit.add(f"{lin.name}.weight_scale", w_scale),
+            args = (lin.current_x, edit.add(f"{lin.name}.weight_fp8", w8), edit.add(f"{lin.name}.weight_scale", w_scale),
                     lin.bias, x_scale)
             replace_node(lin.node, torch.ops.compilekit.fp8_linear.default, args)
             rows.append({"name": lin.name, "shape": list(lin.shape), "input_scale": x_scale,

@@ -109,7 +109,7 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
             packed_node, scales_node = edit.add(f"{lin.name}.qweight", q.packed), edit.add(f"{lin.name}.scales", q.scales)
             if bits == 8 and (awq.get(lin.name) or {}).get("scale") is None:  # not AWQ-scaled: the table itself
                 tables[id(lin.weight)] = (packed_node, scales_node)
-            args = (lin.x, packed_node, scales_node,
+            args = (lin.current_x, packed_node, scales_node,
                     edit.add(f"{lin.name}.offsets", q.offsets.t().contiguous()) if q.offsets is not None else None,
                     lin.bias, w.shape[1], o.group_size, bits, o.compute)
             replace_node(lin.node, torch.ops.compilekit.nbits_linear.default, args)

@@ -101,7 +101,7 @@ class QuantizeInt8Pass(QuantizePass):
             sn = edit.add(f"{lin.name}.weight_scale", scale)
             mode = "per_token" if lin.name in per_token else o.activations
             replace_node(lin.node, torch.ops.compilekit.int8_linear.default,
-                         (lin.x, qn, sn, lin.bias, mode, input_scales.get(lin.name, 0.0)))
+                         (lin.current_x, qn, sn, lin.bias, mode, input_scales.get(lin.name, 0.0)))
             rows.append({"name": lin.name, "shape": list(lin.shape), "activations": mode,
                          "smoothing": smoothed.get(lin.name),
                          "input_scale": input_scales.get(lin.name),

@@ -318,3 +318,24 @@ def test_fp8_below_opset_19_is_a_clear_lowering_error(bert, tmp_path):
     result = get_pass("quantize.fp8")({}, context=_ctx(_batches(bert)))(bert.program)
     with pytest.raises(LoweringError, match="opset >= 19"):
         lower_to_onnx(result.program, tmp_path / "m.onnx", opset=18, flavor="onnxruntime")
+
+
+@pytest.mark.parametrize("name, options", [("quantize.int8", {}), ("quantize.int4_weight_only", {"compute": "float"})])
+def test_a_linear_that_reads_a_linear(export_module, name, options):
+    # The second linear's input is the first one, which the pass replaces first: its args must follow.
+    class Chain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    program = export_module(Chain())
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(4, 8, generator=gen)} for _ in range(2)]
+    result = get_pass(name)(options, context=_ctx(batches))(program)
+    assert _linears(result.program) == 0
+    metrics = compare(_run(program, batches), _run(result.program, batches))
+    assert metrics["output"].sqnr_db > 15.0  # 8-bit, or 4-bit groups of 32 on random weights
