@@ -492,9 +492,11 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions, ou
         counts["nbits_offsets_from_quantized_sums"] = quantized_sums
     if float_sums:
         counts["nbits_offsets_left_on_float_sums (form not recognised)"] = float_sums
-    nibble_pairs = _nbits8_as_nibble_pairs(model) if fusions else 0
+    nibble_pairs, nibble_gathers = _nbits8_as_nibble_pairs(model) if fusions else (0, 0)
     if nibble_pairs:
         counts["nbits8_as_nibble_pairs"] = nibble_pairs
+    if nibble_gathers:
+        counts["embedding_reads_the_nibble_pairs"] = nibble_gathers
     if options.pack_matmuls:
         packed_qkv = _gqa_packed_qkv(model)
         if packed_qkv:
@@ -811,19 +813,20 @@ def _offsets_from_quantized_sums(model) -> tuple[int, int]:
     return rewritten, left
 
 
-def _nbits8_as_nibble_pairs(model) -> int:
+def _nbits8_as_nibble_pairs(model) -> tuple[int, int]:
     """Rewrite each 8-bit MatMulNBits (constant weights, default zero point 128, K a whole number of blocks) as
     one 4-bit MatMulNBits over Concat(x, x): an 8-bit level u = 16 a + b gives w = s (u - 128) =
     16 s (a - 8) + s (b - 0), so the first K rows hold the high nibbles a (scale 16 s, zero point 8) and the
     next K the low nibbles b (scale s, zero point 0). Exact, also at accuracy_level 4: both copies of x fall in
     the same int8 blocks. Measured here on SmolLM2's 8-bit lm_head (K x N = 576 x 49152, one row): 4-bit
     0.27 ms at level 4, 8-bit 1.05 ms; at levels 0-3 8-bit takes ~100 ms (a fallback) and 4-bit 0.8 ms.
-    Returns the nodes rewritten."""
+    A Gather of the same 8-bit table (a tied embedding) then reads the nibble pairs too, so the file holds
+    the table once. Returns (nodes rewritten, gathers moved to the nibble pairs)."""
     import numpy as np
     import onnx_ir as ir
 
     graph = model.graph
-    rewritten = 0
+    rewritten = gathers = 0
     for node in list(graph):
         if node.domain != "com.microsoft" or node.op_type != "MatMulNBits":
             continue
@@ -853,10 +856,67 @@ def _nbits8_as_nibble_pairs(model) -> int:
                        attributes=[ir.AttrInt64(name, value) for name, value in new_attrs.items()], name=f"{node.name}_pair")
         pair.metadata_props.update(node.metadata_props)
         graph.insert_before(node, [concat, pair])
+        gathers += _gathers_read_nibble_pairs(graph, b, new_inputs[1], k // block)
         old = node.outputs[0]
         if old.is_graph_output():  # the lm_head often writes the logits output itself
             graph.outputs[[v is old for v in graph.outputs].index(True)] = pair.outputs[0]
         _reroute(graph, [old], [pair.outputs[0]], [node])
+        rewritten += 1
+    return rewritten, gathers
+
+
+def _gathers_read_nibble_pairs(graph, table, pairs, groups: int) -> int:
+    """Give each row Gather of the 8-bit `table` (a tied embedding reading the lm_head's table) the bytes
+    rebuilt from the gathered rows of `pairs` (_nbits8_as_nibble_pairs' layout: per row, G blocks of high
+    nibbles, then G of low ones; in each byte element 2j low, 2j + 1 high). The 8-bit table then leaves the
+    file (28 MB of SmolLM2's 149). Rebuilding costs a few element-wise uint8 ops on the looked-up rows only:
+        u[2j]     = (hi[j] & 15) << 4 | (lo[j] & 15)
+        u[2j + 1] = (hi[j] & 240)     | (lo[j] >> 4)
+    Returns the gathers rewritten; others (another axis, unknown index rank, opset < 18) keep the table."""
+    import numpy as np
+    import onnx_ir as ir
+
+    opset = graph.opset_imports.get("", 0)
+    rewritten = 0
+    for gather, index in list(table.uses()):
+        ids = gather.inputs[1] if len(gather.inputs) > 1 else None
+        if (gather.domain, gather.op_type, index) != ("", "Gather", 0) or gather.attributes.get_int("axis", 0) != 0 \
+                or opset < 18 or ids is None or ids.shape is None:
+            continue
+        rank = len(ids.shape)
+        name = f"{pairs.name}_{rewritten}"
+
+        def const(what, values, dtype=np.int64):
+            return _const(graph, f"{name}_{what}", np.array(values, dtype=dtype))
+
+        rows = ir.Node("", "Gather", [pairs, ids], attributes=[ir.AttrInt64("axis", 0)], name=f"{name}_nibble_rows")
+        axis = const("block_axis", [rank])
+        hi = ir.Node("", "Slice", [rows.outputs[0], const("hi_start", [0]), const("hi_end", [groups]), axis],
+                     name=f"{name}_high")
+        lo = ir.Node("", "Slice", [rows.outputs[0], const("lo_start", [groups]), const("lo_end", [2 * groups]), axis],
+                     name=f"{name}_low")
+        u8 = {v: const(f"u8_{v}", v, np.uint8) for v in (4, 15, 240)}
+        nodes = [rows, hi, lo]
+
+        def node(op, *inputs, attributes=()):
+            n = ir.Node("", op, list(inputs), attributes=list(attributes), name=f"{name}_{op.lower()}_{len(nodes)}")
+            nodes.append(n)
+            return n.outputs[0]
+
+        left, right = ir.AttrString("direction", "LEFT"), ir.AttrString("direction", "RIGHT")
+        even = node("BitwiseOr", node("BitShift", node("BitwiseAnd", hi.outputs[0], u8[15]), u8[4], attributes=[left]),
+                    node("BitwiseAnd", lo.outputs[0], u8[15]))
+        odd = node("BitwiseOr", node("BitwiseAnd", hi.outputs[0], u8[240]),
+                   node("BitShift", lo.outputs[0], u8[4], attributes=[right]))
+        last = const("last_axis", [-1])
+        interleaved = node("Concat", node("Unsqueeze", even, last), node("Unsqueeze", odd, last),
+                           attributes=[ir.AttrInt64("axis", -1)])
+        merged = node("Reshape", interleaved, const("row_shape", [0] * (rank + 1) + [-1]))
+        graph.insert_before(gather, nodes)
+        old = gather.outputs[0]
+        if old.is_graph_output():
+            graph.outputs[[v is old for v in graph.outputs].index(True)] = merged
+        _reroute(graph, [old], [merged], [gather])
         rewritten += 1
     return rewritten
 

@@ -185,7 +185,7 @@ def test_8bit_matmul_nbits_becomes_an_exact_nibble_pair(level):
 
     proto = _nbits8_model(96, 40, level)
     model = ir.from_proto(proto)
-    assert _nbits8_as_nibble_pairs(model) == 1
+    assert _nbits8_as_nibble_pairs(model) == (1, 0)
     ops = [(node.op_type, {k: v.value for k, v in node.attributes.items()}) for node in model.graph]
     assert [op for op, _ in ops] == ["Concat", "MatMulNBits"]
     assert ops[1][1]["bits"] == 4 and ops[1][1]["K"] == 192 and ops[1][1]["accuracy_level"] == level
@@ -205,8 +205,38 @@ def test_8bit_matmul_nbits_with_zero_points_or_a_partial_block_is_left_alone():
 
     for proto in (_nbits8_model(96, 40, 4, zero_points=True), _nbits8_model(80, 40, 4)):
         model = ir.from_proto(proto)
-        assert _nbits8_as_nibble_pairs(model) == 0
+        assert _nbits8_as_nibble_pairs(model) == (0, 0)
         assert [node.op_type for node in model.graph] == ["MatMulNBits"]
+
+
+@pytest.mark.parametrize("ids_shape", [(5,), (2, 3)])
+def test_a_tied_embedding_gather_reads_the_nibble_pairs_and_the_8bit_table_leaves(ids_shape):
+    """The Gather of the lm_head's 8-bit table (a tied embedding) rebuilds its rows from the nibble pairs:
+    bit-exact rows, one table in the file."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from compilekit.targets.onnxruntime import _nbits8_as_nibble_pairs
+
+    proto = _nbits8_model(96, 40, 4)
+    graph = proto.graph
+    graph.input.append(helper.make_tensor_value_info("ids", TensorProto.INT64, list(ids_shape)))
+    graph.node.insert(0, helper.make_node("Gather", ["B", "ids"], ["rows"], axis=0))
+    graph.output.append(helper.make_tensor_value_info("rows", TensorProto.UINT8, [*ids_shape, 3, 32]))
+    model = ir.from_proto(proto)
+    assert _nbits8_as_nibble_pairs(model) == (1, 1)
+    assert "B" not in model.graph.initializers
+    table_bytes = sorted(v.const_value.nbytes for v in model.graph.initializers.values()
+                         if v.const_value.dtype == ir.DataType.UINT8 and v.const_value.nbytes > 1)
+    assert table_bytes == [40 * 3, 40 * 96]  # the nibble zero points, and the table once (K x N bytes)
+    rng = np.random.default_rng(2)
+    feed = {"x": rng.standard_normal((3, 96)).astype(np.float32), "ids": rng.integers(0, 40, ids_shape)}
+    before = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    after = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, feed)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-5 * float(np.abs(before[0]).max()))
 
 
 def test_options_reject_unknown_keys_and_bad_values():
