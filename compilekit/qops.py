@@ -5,13 +5,20 @@ Which ONNX Runtime form each lowers to was measured on this machine's CPU (AMD E
 M = 256 rows, K x N = 384 x 1536, ORT 1.32; p50 of 200 runs):
 - fp32 MatMul 587 us; `DynamicQuantizeMatMul` (uint8 per-tensor dynamic activations) 240 us, the
   fastest int8 form; `DynamicQuantizeLinear` + `MatMulIntegerToFloat` the same (243 us); per-token int8
-  built from `MatMulInteger` with a uint8 zero point of 128 401 us (its extra elementwise ops cost as much
+  built from `MatMulInteger` with a uint8 zero point of 128 (then with Div + Round + Cast) 401 us (its extra elementwise ops cost as much
   as the GEMM saves); `MatMulInteger` on int8 x int8 4780 us (no fast kernel for signed activations).
   So `dynamic` lowers to DynamicQuantizeMatMul, `static` to QuantizeLinear(uint8, zero point 128) +
-  MatMulIntegerToFloat (the same integers as symmetric int8, shifted by 128), `per_token` to the
-  MatMulInteger form (more accurate, not faster than fp32 on this CPU). These translations write int8
+  MatMulIntegerToFloat (the same integers as symmetric int8, shifted by 128), `per_token` to one per-row
+  QuantizeLinear + MatMulInteger (ORT fuses it into MatMulIntegerToFloat). These translations write int8
   weights; on CPUs without VNNI ORT multiplies those inexactly, and the onnxruntime target turns them into
   uint8 + 128 (targets/ort_int8.py).
+- Measured again on an Intel Xeon with AMX (Sapphire Rapids class, 2 cores, ORT 1.32), M x K x N =
+  256 x 384 x 1536: DynamicQuantizeMatMul 504 us, DynamicQuantizeLinear + MatMulInteger + Cast + Mul + Add
+  520 us, DynamicQuantizeLinear + MatMulIntegerToFloat 481 us (within noise: the same MLAS kernel, which uses
+  AMX there; the raw MatMulInteger alone is 208 us), fp32 MatMul 1976 us. So DynamicQuantizeMatMul stays.
+  `per_token` at 256 x 1536 x 384: 643 us, against 1664 us in fp32, so on that CPU it is the cheaper way to
+  keep a sensitive layer accurate (all-MiniLM-L6-v2 int8 end to end: 19.98 against 23.50 ms with those
+  layers float, same run).
 - int4 / int8 groups: `MatMulNBits`; at one row (decode), `accuracy_level` 4 (int8 activations per block)
   ran in 23 us against 41 us for float compute (K x N = 576 x 1536). Its float `zero_points` take 481 us,
   so asymmetric groups keep the default zero point and add their offsets outside (`nbits_linear`).
@@ -68,6 +75,12 @@ def _register_int8_schemas() -> None:
                "T3": ["tensor(float)", "tensor(float16)"]}, attributes={})
 
 
+def _uint8_tensor(value: int):
+    import onnx
+
+    return onnx.helper.make_tensor("value", onnx.TensorProto.UINT8, [1], [value])
+
+
 def _int8_linear_ort(x, weight, weight_scale, bias, mode: str, input_scale: float):
     from onnxscript import opset18 as op
 
@@ -81,10 +94,20 @@ def _int8_linear_ort(x, weight, weight_scale, bias, mode: str, input_scale: floa
         xq = op.QuantizeLinear(x, scale, zp128)
         return msft.MatMulIntegerToFloat(xq, weight, scale, weight_scale, zp128, None, bias)
     if mode == "per_token":
-        absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+        # Rows as a 2-D [M, K] view, so that one QuantizeLinear per axis 0 (a scale and a zero point of 128 per
+        # row) quantizes them: 643 against 998 us for Div + Round + Add + Cast at M x K x N = 256 x 1536 x 384
+        # on the AMX Xeon, the same integers (both round half to even).
+        rows = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), op.Shape(weight, start=0, end=1), axis=0))
+        absmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=0)
         scale = op.Max(op.Div(absmax, op.Constant(value_float=127.0)), op.Constant(value_float=1e-12))
-        xq = op.Cast(op.Add(op.Round(op.Div(x, scale)), op.Constant(value_float=128.0)), to=_UINT8)
-        y = op.Mul(op.Cast(op.MatMulInteger(xq, weight, zp128), to=_FLOAT), op.Mul(scale, weight_scale))
+        zero_points = op.ConstantOfShape(op.Shape(scale), value=_uint8_tensor(128))
+        xq = op.QuantizeLinear(rows, scale, zero_points, axis=0)
+        row_scale = op.Unsqueeze(scale, op.Constant(value_ints=[1]))
+        y = op.Mul(op.Cast(op.MatMulInteger(xq, weight, zp128), to=_FLOAT), op.Mul(row_scale, weight_scale))
+        y = op.Reshape(y, op.Concat(op.Shape(x, start=0, end=-1), op.Shape(weight, start=1), axis=0))
+        # The bias after the Reshape: ORT (1.32) fuses MatMulInteger -> Cast -> Mul(scales) -> Add(bias) on a
+        # 2-D A with a per-row scale into a MatMulIntegerToFloat that computes it wrongly (max abs 1.9 at
+        # M x K x N = 64 x 48 x 16); without the Add its fusion is exact, and faster than the unfused ops.
         return y if bias is None else op.Add(y, bias)
     raise ValueError(f"unknown int8 activation mode {mode!r}")
 

@@ -32,8 +32,11 @@ def test_minilm_int8(tmp_path):
     assert lhs["cosine_mean"] >= 0.995 and lhs["cosine_min"] >= 0.99
     row = next(r for r in manifest["passes"] if r["name"] == "quantize.int8")
     auto = row["stats"]["auto"]
-    assert row["stats"]["quantized"] + len(auto["keep_float"]) == 37  # 36 encoder linears + the pooler
+    assert row["stats"]["quantized"] == 37  # 36 encoder linears + the pooler; `fallback: per_token` keeps all int8
     assert auto["keep_float"] == [r["layer"] for r in auto["sensitivity"]][:len(auto["keep_float"])]
+    modes = {layer["name"]: layer["activations"] for layer in row["stats"]["layers"]}
+    assert auto["keep_float"] and {modes[name] for name in auto["keep_float"]} == {"per_token"}
+    assert sum(mode == "dynamic" for mode in modes.values()) == 37 - len(auto["keep_float"])
     assert manifest["build"]["nodes"]["com.microsoft::DynamicQuantizeMatMul"] >= 20
     from compilekit.targets.ort_int8 import signed_int8_exact
 

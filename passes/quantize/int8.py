@@ -9,8 +9,8 @@ their weights together. 1 / s is folded into the producing norm when nothing els
 one multiply before the group (BERT's norms also feed the residual, so there it is a multiply).
 
 Activation modes (see compilekit.quant): `dynamic` (per tensor, at run time; ORT's DynamicQuantizeMatMul,
-the fastest int8 form on this CPU), `per_token` (per row, at run time; more accurate, no faster than fp32
-on ORT CPU), `static` (per tensor, the scale from calibration; the only form TensorRT takes).
+the fastest int8 form on this CPU), `per_token` (per row, at run time; more accurate, and on ORT CPU
+measured 2.6x faster than fp32 on an AMX Xeon, about as fast as fp32 on an AVX-512 EPYC), `static` (per tensor, the scale from calibration; the only form TensorRT takes).
 """
 
 from __future__ import annotations

@@ -339,3 +339,32 @@ def test_a_linear_that_reads_a_linear(export_module, name, options):
     assert _linears(result.program) == 0
     metrics = compare(_run(program, batches), _run(result.program, batches))
     assert metrics["output"].sqnr_db > 15.0  # 8-bit, or 4-bit groups of 32 on random weights
+
+
+def test_int8_per_token_with_bias_survives_ort_default_fusions(export_module, tmp_path):
+    # ORT's MatMulIntegerToFloatFusion (level extended and up) turns a 2-D MatMulInteger -> Cast -> Mul(per-row
+    # scale x weight scale) -> Add(bias) into a MatMulIntegerToFloat that adds the bias wrongly (ORT 1.32); the
+    # translation keeps the Add out of its reach. Lowered with the compile's default target options here.
+    from compilekit.targets.onnxruntime import OnnxRuntimeTarget
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.up, self.down = torch.nn.Linear(8, 48), torch.nn.Linear(48, 16)
+            with torch.no_grad():
+                self.down.bias.mul_(50.0)  # a bias that matters next to the product
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    program = export_module(Mlp())
+    gen = torch.Generator().manual_seed(2)
+    batches = [{"x": torch.randn(rows, 8, generator=gen)} for rows in (16, 3)]
+    result = get_pass("quantize.int8")({"activations": "per_token"}, context=_ctx(batches))(program)
+    outs = _run(result.program, batches)
+    target = OnnxRuntimeTarget({"opset": 18, "threads": 2})
+    target.lower(result.program, tmp_path)
+    runner = target.load(tmp_path)
+    lowered = [{k: torch.from_numpy(v) for k, v in runner.run(b).items()} for b in batches]
+    assert compare(outs, lowered)["output"].sqnr_db > 60.0
