@@ -480,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
              f"vs best peer = best non-compilekit p50 / this row's p50; fused attn = com.microsoft "
              f"Attention/MultiHeadAttention and opset-23 Attention nodes in the ONNX file / in ORT's optimized graph\n"
              f"compilekit session: disabled_optimizers={ck_describe.get('disabled_optimizers')}, "
-             f"optimization_level={ck_describe.get('optimization_level')}")
+             f"optimization_level={ck_describe.get('optimization_level')}, "
+             f"denormal_as_zero={ck_describe.get('denormal_as_zero')} (peers: ORT defaults, off)")
     print(render_table(title, rows))
     judge = int8_verdict if args.int8 else verdict
     verdicts = [judge(f"{b}x{s}", rows, other_load.get(f"{b}x{s}")) for b, s in shapes]

@@ -93,6 +93,30 @@ def test_runner_describe(built):
     assert d["backend"] == "onnxruntime" and d["opset"] == 18 and d["options"]["threads"] == 1
 
 
+@pytest.mark.parametrize("flush", [True, False])
+def test_denormal_as_zero_flushes_in_runs_only(tmp_path, flush):
+    # 1e-10 * 1e-30 is denormal. With the option every element of the run is flushed, the pool threads' and
+    # the calling thread's share alike; after the run (and after opening the session, where ORT sets it on
+    # the creating thread for good) this thread computes denormals again.
+    from compilekit.targets.onnxruntime import OnnxRuntimeOptions, OnnxRuntimeRunner, thread_flushes_denormals
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Mul", ["x", "c"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.array(1e-30, np.float32), "c")])
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(path))
+    assert not thread_flushes_denormals()
+    runner = OnnxRuntimeRunner(path, OnnxRuntimeOptions(denormal_as_zero=flush), threads=2)
+    assert not thread_flushes_denormals()
+    x = np.full(1 << 20, 1e-10, np.float32)
+    for y in (runner.run({"x": x})["y"], runner.bind({"x": x})()[0]):
+        assert np.all(y == 0) if flush else np.allclose(y, 1e-40, rtol=1e-3, atol=0)
+    assert not thread_flushes_denormals()
+    assert runner.describe()["denormal_as_zero"] is flush
+
+
 def test_load_missing_file_is_an_artifact_error(tmp_path):
     with pytest.raises(ArtifactError, match=f"{MODEL_FILE} does not exist") as info:
         OnnxRuntimeTarget().load(tmp_path)
