@@ -178,7 +178,7 @@ class OnnxRuntimeRunner(Runner):
 
     def decoder(self, layout: KVLayout) -> OrtDecoder:
         """A stateful decoder over this session (text-generation artifacts)."""
-        return OrtDecoder(self.session, layout)
+        return OrtDecoder(self.session, layout, self._flushing)
 
     def describe(self) -> dict[str, Any]:
         return {"threads": self.threads, "spinning": self.options.spinning,
@@ -200,9 +200,11 @@ class OrtDecoder:
     For a static cache, `step` returns a logits array that the next step overwrites: use it before stepping.
     """
 
-    def __init__(self, session: Any, layout: KVLayout) -> None:
+    def __init__(self, session: Any, layout: KVLayout,
+                 call: Callable[[Callable[[], Any]], Any] = lambda run: run()) -> None:
         self.session = session
         self.layout = layout
+        self.call = call  # how to run a step (the runner's: denormals flushed on this thread meanwhile)
         self.past: list[Any] = []
         self.position = 0
         self.batch = 0
@@ -268,7 +270,7 @@ class OrtDecoder:
             arrays[POSITION_IDS][...] = positions
             if self.has_cache_position:
                 arrays[CACHE_POSITION][...] = positions
-            self.session.run_with_iobinding(self.io)
+            self.call(lambda: self.session.run_with_iobinding(self.io))
             self.position += s
             return self.logits
         io = self.session.io_binding()
@@ -281,7 +283,7 @@ class OrtDecoder:
         io.bind_output(LOGITS)
         for name in lay.present_names:
             io.bind_output(name)
-        self.session.run_with_iobinding(io)
+        self.call(lambda: self.session.run_with_iobinding(io))
         outputs = io.get_outputs()
         self.past = list(outputs[1:])
         self.position += s
