@@ -68,7 +68,7 @@ HF_FOLDER = "smollm2-135m-instruct-fp32-hf"
 GENAI_FOLDERS = {GENAI: "smollm2-135m-instruct-fp32-ortgenai", GENAI_INT4: "smollm2-135m-instruct-int4-ortgenai"}
 GENAI_PRECISION = {GENAI: "fp32", GENAI_INT4: "int4"}
 GENAI_SETUP = (
-    "python3 -m venv {venv} && {venv}/bin/pip install onnxruntime-genai torch transformers onnx onnx-ir tqdm"
+    "python3 -m venv {venv} && {venv}/bin/pip install onnxruntime-genai torch==2.13.0 transformers onnx onnx-ir tqdm"
     "  # torch/transformers/onnx-ir are for the model builder only"
 )
 
@@ -611,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{row}: " + genai_note(genai_python, genai_dir))
     if LLAMACPP in rows and not Path(llamacpp_python).exists():
         skipped[LLAMACPP] = (f"no venv at {llamacpp_python}; make it with: python3 -m venv V && "
-                             "V/bin/pip install llama-cpp-python==0.3.36 (builds llama.cpp, ~10 min)")
+                             "V/bin/pip install llama-cpp-python==0.3.36 (builds llama.cpp, ~10 min; on a CPU with "
+                             "AMX, build it without AMX, see benchmarks/README.md)")
 
     # Rounds: every (row, batch) runs once per round, rows in alternating order, and the round with the
     # median decode speed is reported. This machine's speed drifts by 20% or more within minutes, so rows
