@@ -5,8 +5,9 @@ Which ONNX Runtime form each lowers to was measured on this machine's CPU (AMD E
 M = 256 rows, K x N = 384 x 1536, ORT 1.32; p50 of 200 runs):
 - fp32 MatMul 587 us; `DynamicQuantizeMatMul` (uint8 per-tensor dynamic activations) 240 us, the
   fastest int8 form; `DynamicQuantizeLinear` + `MatMulIntegerToFloat` the same (243 us); per-token int8
-  built from `MatMulInteger` with a uint8 zero point of 128 (then with Div + Round + Cast) 401 us (its extra elementwise ops cost as much
-  as the GEMM saves); `MatMulInteger` on int8 x int8 4780 us (no fast kernel for signed activations).
+  built from `MatMulInteger` with a uint8 zero point of 128 (then quantized with Div + Round + Cast) 401 us
+  (its extra elementwise ops cost as much as the GEMM saves); `MatMulInteger` on int8 x int8 4780 us (no
+  fast kernel for signed activations).
   So `dynamic` lowers to DynamicQuantizeMatMul, `static` to QuantizeLinear(uint8, zero point 128) +
   MatMulIntegerToFloat (the same integers as symmetric int8, shifted by 128), `per_token` to one per-row
   QuantizeLinear + MatMulInteger (ORT fuses it into MatMulIntegerToFloat). These translations write int8
@@ -16,7 +17,7 @@ M = 256 rows, K x N = 384 x 1536, ORT 1.32; p50 of 200 runs):
   256 x 384 x 1536: DynamicQuantizeMatMul 504 us, DynamicQuantizeLinear + MatMulInteger + Cast + Mul + Add
   520 us, DynamicQuantizeLinear + MatMulIntegerToFloat 481 us (within noise: the same MLAS kernel, which uses
   AMX there; the raw MatMulInteger alone is 208 us), fp32 MatMul 1976 us. So DynamicQuantizeMatMul stays.
-  `per_token` at 256 x 1536 x 384: 643 us, against 1664 us in fp32, so on that CPU it is the cheaper way to
+  `per_token` at 256 x 1536 x 384: about 650 us, against 1664 us in fp32, so on that CPU it is the cheaper way to
   keep a sensitive layer accurate (all-MiniLM-L6-v2 int8 end to end: 19.98 against 23.50 ms with those
   layers float, same run).
 - int4 / int8 groups: `MatMulNBits`; at one row (decode), `accuracy_level` 4 (int8 activations per block)
@@ -95,7 +96,7 @@ def _int8_linear_ort(x, weight, weight_scale, bias, mode: str, input_scale: floa
         return msft.MatMulIntegerToFloat(xq, weight, scale, weight_scale, zp128, None, bias)
     if mode == "per_token":
         # Rows as a 2-D [M, K] view, so that one QuantizeLinear per axis 0 (a scale and a zero point of 128 per
-        # row) quantizes them: 643 against 998 us for Div + Round + Add + Cast at M x K x N = 256 x 1536 x 384
+        # row) quantizes them: about 650 against 1000 us for Div + Round + Add + Cast at 256 x 1536 x 384
         # on the AMX Xeon, the same integers (both round half to even).
         rows = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), op.Shape(weight, start=0, end=1), axis=0))
         absmax = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[-1]), keepdims=0)
