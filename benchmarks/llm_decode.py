@@ -472,7 +472,11 @@ def run_child(python: str, spec: dict[str, Any], timeout_s: float) -> dict[str, 
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"child {spec['kind']} failed (exit {proc.returncode})")
+        hint = ""
+        if spec["kind"] == LLAMACPP and proc.returncode == -11:
+            # Seen on an AMX Xeon: llama.cpp's native build crashes on its first generation there.
+            hint = "; a native llama.cpp build segfaults on CPUs with AMX: rebuild it without AMX (benchmarks/README.md)"
+        raise RuntimeError(f"child {spec['kind']} failed (exit {proc.returncode}){hint}")
     return json.loads(lines[-1][len(RESULT_TAG):])
 
 
