@@ -10,7 +10,8 @@ one multiply before the group (BERT's norms also feed the residual, so there it 
 
 Activation modes (see compilekit.quant): `dynamic` (per tensor, at run time; ORT's DynamicQuantizeMatMul,
 the fastest int8 form on this CPU), `per_token` (per row, at run time; more accurate, and on ORT CPU
-measured 2.6x faster than fp32 on an AMX Xeon, about as fast as fp32 on an AVX-512 EPYC), `static` (per tensor, the scale from calibration; the only form TensorRT takes).
+measured 2.6x faster than fp32 per layer on an AMX Xeon, about as fast as fp32 on an AVX-512 EPYC),
+`static` (per tensor, the scale from calibration; the only form TensorRT takes).
 """
 
 from __future__ import annotations
