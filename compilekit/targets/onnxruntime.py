@@ -101,10 +101,14 @@ def open_session(path: Path, so=None, providers=None, disabled: list[str] | None
     return ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=[*disabled, _FP8_WORKAROUND])
 
 
+_TINY = 1e-300  # a global, so the multiply below runs on the calling thread rather than being folded at compile time
+
+
 def thread_flushes_denormals() -> bool:
-    """Does this thread flush denormal floats to zero (x86 FTZ/DAZ) now? numpy multiplies on this thread."""
-    with np.errstate(under="ignore"):  # the underflow is the point, whatever the caller's numpy settings
-        return bool(np.float32(1e-30) * np.float32(1e-10) == 0)
+    """Does this thread flush denormal floats to zero (x86 FTZ/DAZ) now? The flags cover doubles too, and a
+    Python float multiply neither warns nor raises on underflow. It runs before every run: 0.1 us, not numpy's
+    2.5 us with its error state."""
+    return _TINY * 1e-10 == 0.0
 
 
 def _set_thread_flush(on: bool) -> None:
