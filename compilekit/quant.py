@@ -169,9 +169,9 @@ def int8_matmul(x: torch.Tensor, q_kn: torch.Tensor, w_scale: torch.Tensor, bias
 # ----------------------------------------------------------------------------------------- observers
 
 class MinMaxObserver:
-    """Running min, max and per-channel absmax of the last dim. The default observer: it keeps every
-    value representable, which matters for encoders whose outliers carry meaning. With `keep_rows` it also
-    keeps a bounded, evenly drawn sample of input rows (for AWQ's search)."""
+    """Running min, max and per-channel min, max and absmax of the last dim. The default observer: it keeps
+    every value representable, which matters for encoders whose outliers carry meaning. With `keep_rows` it
+    also keeps a bounded, evenly drawn sample of input rows (for AWQ's and SmoothQuant's searches)."""
 
     keep_rows = 0
 
@@ -180,6 +180,8 @@ class MinMaxObserver:
         self.min = math.inf
         self.max = -math.inf
         self.channel_absmax: torch.Tensor | None = None
+        self.channel_min: torch.Tensor | None = None
+        self.channel_max: torch.Tensor | None = None
         self.channel_absmean_sum: torch.Tensor | None = None
         self.rows = 0
 
@@ -190,10 +192,14 @@ class MinMaxObserver:
         flat = x.reshape(-1, x.shape[-1])
         amax = flat.abs().amax(0)
         amean = flat.abs().sum(0)
+        cmin, cmax = flat.amin(0), flat.amax(0)
         if self.channel_absmax is None:
             self.channel_absmax, self.channel_absmean_sum = amax, amean
+            self.channel_min, self.channel_max = cmin, cmax
         else:
             self.channel_absmax = torch.maximum(self.channel_absmax, amax)
+            self.channel_min = torch.minimum(self.channel_min, cmin)
+            self.channel_max = torch.maximum(self.channel_max, cmax)
             self.channel_absmean_sum = self.channel_absmean_sum + amean
         self.rows += flat.shape[0]
         if self.keep_rows:

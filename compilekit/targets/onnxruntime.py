@@ -466,11 +466,15 @@ def _same_outputs(plain: OnnxRuntimeRunner, fused: OnnxRuntimeRunner, program: P
                 continue
             if quantized and ref.size:
                 # Judge both against the program itself: the fused model may differ from the plain one, but
-                # must not be meaningfully further from the reference semantics than the plain one is.
+                # must not be meaningfully further from the reference semantics than the plain one is. The
+                # plain ONNX often rounds exactly as the program does; the fused one computes a per-tensor
+                # range in another order, and a range that moves re-rounds every value: a second int8 noise
+                # of the model's own size (cosine 0.9996 on all-MiniLM-L6-v2 int8 at 2x8). Hence 1e-3 slack:
+                # a real fusion error is far larger (ORT's MatMulIntegerToFloat bias, qops.py: cosine 0.92).
                 exact = program.run(feed)[name].detach().double().numpy().ravel()
                 miss_plain = 1.0 - _cosine(exact, ref)
                 miss_fused = 1.0 - _cosine(exact, got[name])
-                if miss_fused <= 2.0 * miss_plain + 1e-4:
+                if miss_fused <= 2.0 * miss_plain + 1e-3:
                     continue
                 raise LoweringError(f"the fused model's {name} is further from the program than the plain ONNX "
                                     f"(cosine {1 - miss_fused:.5f} against {1 - miss_plain:.5f}) at {sizes}")

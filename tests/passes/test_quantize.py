@@ -154,6 +154,68 @@ def test_smoothquant_moves_outliers_and_helps(export_module):
     assert err_smooth > err_plain + 3.0
 
 
+class _TwoInputs(torch.nn.Module):
+    """`a` reads a norm with one outlier channel (smoothing helps); `b` reads x, whose channels all have
+    absmax 1 and whose weight columns all have absmax 1 (every alpha gives s = 1: smoothing cannot help)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(8)
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(8, 16, bias=False)
+        with torch.no_grad():
+            self.norm.weight[0] = 60.0
+            self.b.weight.copy_(torch.randint(0, 2, (16, 8)).float() * 2 - 1)
+
+    def forward(self, x):
+        return self.a(self.norm(x)) + self.b(x)
+
+
+def _sign_batches(n=4, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randint(0, 2, (16, 8), generator=gen).float() * 2 - 1} for _ in range(n)]
+
+
+def test_smoothquant_alpha_auto_per_group_and_none_where_it_cannot_help(export_module):
+    program = export_module(_TwoInputs())
+    batches = _sign_batches()
+    reference = _run(program, batches)
+    results = {alpha: get_pass("quantize.int8")({"smoothquant": True, "alpha": alpha}, context=_ctx(batches))(program)
+               for alpha in ("auto", 0.5)}
+    rows = {row["name"]: row for row in results["auto"].stats["layers"]}
+    assert rows["b"]["alpha"] is None and rows["b"]["smoothing"] is None  # s = 1 for every alpha: left alone
+    assert rows["a"]["alpha"] is not None and rows["a"]["smoothing"] == "norm"
+    assert "SmoothQuant alpha auto (1 of 2 input groups smoothed" in results["auto"].summary
+    # Fixed alpha 0.5 scales x for `b` too, which needs a multiply; auto adds none.
+    assert op_histogram(results["auto"].program.graph).get("aten.mul.Tensor", 0) == 0
+    assert op_histogram(results[0.5].program.graph).get("aten.mul.Tensor", 0) == 1
+    sqnr = {a: compare(reference, _run(r.program, batches))["output"].sqnr_db for a, r in results.items()}
+    plain = compare(reference, _run(get_pass("quantize.int8")({}, context=_ctx(batches))(program).program,
+                                    batches))["output"].sqnr_db
+    assert sqnr["auto"] > plain + 3.0
+    assert sqnr["auto"] >= sqnr[0.5] - 0.5  # its own objective is per layer; the output may differ a little
+
+
+def test_smoothing_error_matches_the_int8_semantics():
+    """The search's error model is the pass's quantized linear: same weights and activation rounding."""
+    from compilekit import quant
+    from compilekit.passes.quantize.int8 import smoothing_error
+    from compilekit.quant import MinMaxObserver
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 24, generator=gen) * torch.linspace(0.1, 8, 24)
+    w = torch.randn(12, 24, generator=gen)
+    obs = MinMaxObserver()
+    obs.update(x)
+    ref = x @ w.t()
+    q, scale = quant.quantize_weight_int8(w)
+    for mode in ("dynamic", "per_token", "static"):
+        want = quant.int8_matmul(x, q, scale, None, mode, obs.absmax / 127.0)
+        got = smoothing_error(x, [w], [ref], None, [mode], obs)
+        assert got == pytest.approx(float((want - ref).pow(2).sum()), rel=1e-4), mode
+
+
 def test_skip_auto_keeps_the_most_sensitive_layers_and_meets_the_budget(bert):
     batches = _batches(bert, n=2)
     ctx = _ctx(batches)
