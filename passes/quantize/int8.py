@@ -78,6 +78,7 @@ class QuantizeInt8Pass(QuantizePass):
         smoothed: dict[str, str] = {}
         all_nodes = [lin.node.name for lin in linears]
         alphas: dict[str, float | None] = {}
+        gains: dict[str, float] = {}  # alpha: auto: the search's error reduction against no smoothing
         needs_ranges = o.smoothquant or (o.activations == "static" and o.observer == "minmax")
         search = o.smoothquant and o.alpha == "auto"
         # Every linear at once, rows too where alpha is searched: skip: auto asks again per candidate.
@@ -91,7 +92,9 @@ class QuantizeInt8Pass(QuantizePass):
                 obs = observed[group[0].node.name]
                 wmax = torch.stack([weights[lin.name].abs().amax(0) for lin in group]).amax(0)
                 if search:
-                    alpha, s = self._searched_alpha(observed, whole[group[0].name], per_token)
+                    alpha, s, gain = self._searched_alpha(observed, whole[group[0].name], per_token)
+                    for lin in group:
+                        gains[lin.name] = gain
                 else:
                     alpha, s = o.alpha, smoothing_scale(obs.channel_absmax, wmax, o.alpha)
                 for lin in group:
@@ -133,6 +136,7 @@ class QuantizeInt8Pass(QuantizePass):
             rows.append({"name": lin.name, "shape": list(lin.shape), "activations": mode,
                          "smoothing": smoothed.get(lin.name),
                          **({"alpha": alphas[lin.name]} if lin.name in alphas else {}),
+                         **({"smoothing_error_gain": gains[lin.name]} if lin.name in gains else {}),
                          "input_scale": input_scales.get(lin.name),
                          "weight_sqnr_db": round(quant.sqnr_db(w.t(), quant.dequantize_weight_int8(q, scale)), 2),
                          "bytes_before": weight_bytes(lin.weight), "bytes_after": weight_bytes(q) + weight_bytes(scale)})
@@ -155,9 +159,11 @@ class QuantizeInt8Pass(QuantizePass):
         return PassResult(program.with_graph(gm, weights=edit), True, stats, summary)
 
 
-    def _searched_alpha(self, observed: dict, group: list, per_token: set[str]) -> tuple[float | None, torch.Tensor | None]:
-        """alpha: auto for one input's group of linears: (alpha, s), or (None, None) where smoothing does not
-        pay. Kept per calibration, group and activation modes (skip: auto quantizes once per candidate)."""
+    def _searched_alpha(self, observed: dict, group: list,
+                        per_token: set[str]) -> tuple[float | None, torch.Tensor | None, float]:
+        """alpha: auto for one input's group of linears: (alpha, s, error gain), or (None, None, gain) where
+        smoothing does not pay. The gain is the best alpha's relative error reduction against no smoothing.
+        Kept per calibration, group and activation modes (skip: auto quantizes once per candidate)."""
         o = self.options
         modes = ["per_token" if lin.name in per_token else o.activations for lin in group]
         key = (tuple(lin.name for lin in group), tuple(modes))
@@ -179,7 +185,8 @@ class QuantizeInt8Pass(QuantizePass):
                 if err < best[0]:
                     best = (err, alpha, s)
             # Smoothing must earn its multiply: at least 1% less error than none.
-            cache[1][key] = best[1:] if best[0] < 0.99 * unsmoothed else (None, None)
+            gain = round(1.0 - best[0] / unsmoothed, 4) if unsmoothed > 0 else 0.0
+            cache[1][key] = (*best[1:], gain) if gain >= 0.01 else (None, None, gain)
         return cache[1][key]
 
 
