@@ -158,7 +158,6 @@ class QuantizeInt8Pass(QuantizePass):
         stats["activations"] = o.activations
         return PassResult(program.with_graph(gm, weights=edit), True, stats, summary)
 
-
     def _searched_alpha(self, observed: dict, group: list,
                         per_token: set[str]) -> tuple[float | None, torch.Tensor | None, float]:
         """alpha: auto for one input's group of linears: (alpha, s, error gain), or (None, None, gain) where
