@@ -224,11 +224,16 @@ def smoothing_error(rows: torch.Tensor, weights: list[torch.Tensor], reference: 
 
 
 def _smoothed_inputs(program: Program, inverse: dict[str, torch.Tensor]) -> Program:
-    """`program` with only the inputs of the named linears scaled (weights untouched): for observing the
-    distribution the quantizer will see, not for running."""
+    """`program` smoothed in float: the named linears read `x * inverse` and their weights are divided by
+    it, so every output (and every later linear's input) is the original's, and each smoothed linear's
+    input is the tensor the quantizer will see. (Scaling the inputs alone would also rescale the
+    activations downstream of each smoothed linear, and later layers would be observed wrongly.)"""
     gm = program.copy_graph()
     edit = WeightEdit(program, gm)
     chosen = [lin for lin in find_linears(edit, gm.graph)[0] if lin.name in inverse]
     for group in groups_by_input(chosen):
         scale_input(edit, group, inverse[group[0].name], fold=True)
+        for lin in group:
+            weight = edit.add(f"{lin.name}.smoothed_weight", (lin.weight / inverse[lin.name]).contiguous())
+            lin.node.args = (lin.node.args[0], weight, *lin.node.args[2:])
     return program.with_graph(gm, weights=edit)

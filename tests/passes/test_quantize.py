@@ -125,6 +125,22 @@ def test_int8_static_without_calibration_is_a_clear_error(bert):
         get_pass("quantize.int8")({"activations": "static"})(bert.program)
 
 
+def test_static_smoothquant_percentile_100_is_the_minmax_range_in_every_layer(bert):
+    """The percentile observer watches the smoothed program run; at the 100th percentile it must find
+    exactly the range that minmax derives from the channel ranges, in later layers too (a smoothed program
+    that scaled inputs without dividing the weights gave later layers' inputs a wrong scale: cosine 0.83)."""
+    batches = _batches(bert)
+    options = {"activations": "static", "smoothquant": True, "alpha": 0.5}
+    runs = {observer: get_pass("quantize.int8")({**options, **extra}, context=_ctx(batches))(bert.program)
+            for observer, extra in (("minmax", {}), ("percentile", {"observer": "percentile", "percentile": 100.0}))}
+    scales = {observer: {r["name"]: r["input_scale"] for r in run.stats["layers"]} for observer, run in runs.items()}
+    assert len(scales["minmax"]) == _linears(bert.program) and scales["minmax"].keys() == scales["percentile"].keys()
+    for name, scale in scales["minmax"].items():
+        assert scales["percentile"][name] == pytest.approx(scale, rel=1e-5), name
+    reference = _run(bert.program, batches)
+    assert compare(reference, _run(runs["percentile"].program, batches))["last_hidden_state"].sqnr_db > 25.0
+
+
 def test_smoothquant_moves_outliers_and_helps(export_module):
     class Outliers(torch.nn.Module):
         def __init__(self):
