@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import CompilekitError, GateFailure
 
@@ -50,11 +51,11 @@ class RichReporter:
             try:
                 yield
             except BaseException:
-                self.console.print(f"[red]✗[/red] {label} [dim]{time.perf_counter() - start:.1f}s[/dim]")
+                self.console.print(f"[red]✗[/red] {escape(label)} [dim]{time.perf_counter() - start:.1f}s[/dim]")
                 raise
             finally:
                 self._status = None
-        self.console.print(f"[green]✓[/green] {label} [dim]{time.perf_counter() - start:.1f}s[/dim]")
+        self.console.print(f"[green]✓[/green] {escape(label)} [dim]{time.perf_counter() - start:.1f}s[/dim]")
 
     def log(self, message: str) -> None:
         if self._status is not None:
@@ -71,9 +72,9 @@ def _run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except CompilekitError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc.message}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
-            err.print(f"[yellow]hint:[/yellow] {exc.hint}", soft_wrap=True)
+            err.print(f"[yellow]hint:[/yellow] {escape(exc.hint)}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]: nothing was stored (staged files are removed)")
@@ -83,7 +84,7 @@ def _run(fn: Callable[[], Any]) -> Any:
     except Exception as exc:  # a bug in compilekit or a dependency: say so, briefly
         if os.environ.get("COMPILEKIT_DEBUG"):
             raise
-        err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc}", soft_wrap=True)
+        err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {escape(str(exc))}", soft_wrap=True)
         err.print("[yellow]hint:[/yellow] rerun with COMPILEKIT_DEBUG=1 for the traceback, and report it")
         sys.exit(1)
 
@@ -130,7 +131,7 @@ def compile_cmd(recipe: Path, registry: Path | None, as_json: bool, dump_ir: Pat
                                     stop_after=stop_after, rebuild=rebuild)
         except GateFailure as failure:
             print_summary(failure.manifest, err)
-            err.print(f"[bold red]{failure}[/bold red]", soft_wrap=True)
+            err.print(f"[bold red]{escape(str(failure))}[/bold red]", soft_wrap=True)
             if as_json:
                 click.echo(json.dumps(failure.manifest, indent=None, allow_nan=False))
             sys.exit(failure.exit_code)
@@ -243,7 +244,7 @@ def _print_trt_report(report, source: dict) -> None:
     style = "green" if report.ok else "bold red"
     err.print(f"[{style}]{report.summary()}[/{style}]")
     for problem in report.model_problems:
-        err.print(f"[bold red]model:[/bold red] {problem}")
+        err.print(f"[bold red]model:[/bold red] {escape(str(problem))}")
     if not report.rejections:
         return
     groups = Counter((r.op, r.reason, r.origin()) for r in report.rejections)
@@ -377,7 +378,7 @@ def artifacts_list(registry: Path | None, as_json: bool) -> None:
             click.echo(f"{a.id[:19]}  {a.name}:{a.version}  {m.get('target', {}).get('backend', '?')}  "
                        f"{m.get('created', '')}  speedup {speed}")
         for path, why in store.list_broken():
-            err.print(f"[yellow]broken entry[/yellow] {path}: {why}")
+            err.print(f"[yellow]broken entry[/yellow] {path}: {escape(str(why))}")
 
     _run(go)
 

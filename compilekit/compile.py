@@ -139,12 +139,17 @@ def _calibration_batches(loaded: LoadedRecipe, model: LoadedModel, adapter: Any)
     r = loaded.recipe
     cal, data = r.calibration, r.verify.data
     decoder = r.model.task == "text-generation"
+    first = r.inputs[0].shape[0]
+    # Never a batch larger than the batch dim allows: the exported program guards it.
+    batch_size = first if isinstance(first, int) else min(cal.batch_size, r.dims[first].max)
     if cal.source == "text" and model.tokenizer is None:
         raise loaded.error(("calibration", "source"), "calibration.source is `text` (the default), and this model has "
                            "no tokenizer", hint="set `calibration: {source: random}` or `{source: tensors, path: ...}`")
     if cal.source == "tensors":
         names = ["input_ids"] if decoder else [i.name for i in r.inputs]
-        loaded_batches = load_tensor_batches(cal.path, names)
+        loaded_batches = [{k: v[i:i + batch_size] for k, v in b.items()}
+                          for b in load_tensor_batches(cal.path, names)
+                          for i in range(0, next(iter(b.values())).shape[0], batch_size)]
         return [_prefill(adapter, b["input_ids"]) for b in loaded_batches] if decoder else loaded_batches
     if decoder:
         from .verify.llm import token_stream
@@ -157,9 +162,7 @@ def _calibration_batches(loaded: LoadedRecipe, model: LoadedModel, adapter: Any)
         else:
             gen = torch.Generator().manual_seed(cal.seed + 1000)
             ids = torch.randint(0, model.vocab_size or 100, (cal.samples, length), generator=gen)
-        return [_prefill(adapter, ids[i:i + cal.batch_size]) for i in range(0, ids.shape[0], cal.batch_size)]
-    first = r.inputs[0].shape[0]
-    batch_size = first if isinstance(first, int) else min(cal.batch_size, r.dims[first].max)
+        return [_prefill(adapter, ids[i:i + batch_size]) for i in range(0, ids.shape[0], batch_size)]
     if cal.source == "text":
         same = cal.corpus == data.corpus
         texts = text_samples(cal.corpus, cal.samples, seed=data.seed if same else cal.seed,

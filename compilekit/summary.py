@@ -48,7 +48,7 @@ def render(manifest: dict[str, Any], *, artifact_path: str | None = None) -> Gro
     for row in manifest.get("passes", []):
         cos, err = _worst(row.get("metrics", {}))
         ledger.add_row(row["name"], "yes" if row["modified"] else "no", str(row["nodes"]), f"{row['seconds']:.2f}",
-                       _cos(cos), _num(err), row.get("summary", ""))
+                       _cos(cos), _num(err), Text(row.get("summary", "")))  # a pass's own words: no markup
     parts.append(ledger)
 
     acc = manifest["accuracy"]

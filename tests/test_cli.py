@@ -397,3 +397,13 @@ def test_inspect_sensitivity_without_a_quantization_pass(tiny_recipe):
     result = CliRunner().invoke(cli, ["inspect", str(tiny_recipe()), "--sensitivity"])
     assert result.exit_code == 2
     assert "needs a quantization pass" in result.stderr and "Traceback" not in result.output
+
+
+def test_error_text_is_printed_verbatim_not_as_markup(tmp_path):
+    """Messages carry paths, patterns and install extras in brackets (`compilekit[tensorrt]`): rich must
+    not read them as style tags (it dropped `[tensorrt]` from the hint, and `[/x]` made it raise)."""
+    path = tmp_path / "[tensorrt]" / "[/x]" / "missing.yaml"
+    result = CliRunner().invoke(cli, ["compile", str(path)])
+    assert result.exit_code == 2
+    assert f"recipe file not found: {path}" in result.stderr.replace("\n", "")
+    assert "Traceback" not in result.stderr

@@ -271,6 +271,27 @@ def test_compile_text_generation_recipe(tmp_path):
     assert manifest["build"]["nodes"]["com.microsoft::GroupQueryAttention"] == 2
 
 
+def test_decoder_calibration_batches_respect_the_batch_dim(tmp_path):
+    """calibration.batch_size (8 by default) above dims.batch.max: the calibration batches are cut to the
+    max, since the exported program guards its batch dim (this once failed: `Guard failed: ... <= 2`)."""
+    from compilekit.compile import compile_recipe
+
+    text = (ROOT / "recipes" / "tiny-llama-kv.yaml").read_text()
+    text = text.replace("batch: {min: 1, opt: 1, max: 8}", "batch: {min: 1, opt: 1, max: 2}")
+    text = text.replace("  - name: kv.layout\n", "  - name: quantize.int8\n    options: {activations: static}\n"
+                                                  "  - name: kv.layout\n")
+    text = text.replace("batch_size: 4", "batch_size: 2").replace("cosine_min: 0.9999", "cosine_min: 0.99")
+    text = text.replace("top1: 0.99", "top1: 0.9")  # int8 activations: not fp32's bounds
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    loaded = load_recipe(path)
+    assert loaded.recipe.calibration.batch_size == 8 and loaded.recipe.dims["batch"].max == 2
+    result = compile_recipe(loaded, registry=tmp_path / "reg")
+    assert result.manifest["status"] == "passed"
+    row = next(r for r in result.manifest["passes"] if r["name"] == "quantize.int8")
+    assert row["stats"]["quantized"] == 14 and row["metrics"]["logits"]["cosine_min"] > 0.99
+
+
 def test_text_generation_recipe_needs_a_past_dim(tmp_path):
     text = (ROOT / "recipes" / "tiny-llama-kv.yaml").read_text().replace(
         "  past: {min: 0, opt: 64, max: 128}\n", "")
