@@ -45,25 +45,25 @@ class RichReporter:
     @contextlib.contextmanager
     def stage(self, name: str, detail: str = "") -> Iterator[None]:
         start = time.perf_counter()
-        label = f"{name}" + (f" [dim]({detail})[/dim]" if detail else "")
+        label = escape(name) + (f" [dim]({escape(detail)})[/dim]" if detail else "")
         with self.console.status(f"{label} …") as status:
             self._status = status
             try:
                 yield
             except BaseException:
-                self.console.print(f"[red]✗[/red] {escape(label)} [dim]{time.perf_counter() - start:.1f}s[/dim]")
+                self.console.print(f"[red]✗[/red] {label} [dim]{time.perf_counter() - start:.1f}s[/dim]")
                 raise
             finally:
                 self._status = None
-        self.console.print(f"[green]✓[/green] {escape(label)} [dim]{time.perf_counter() - start:.1f}s[/dim]")
+        self.console.print(f"[green]✓[/green] {label} [dim]{time.perf_counter() - start:.1f}s[/dim]")
 
     def log(self, message: str) -> None:
         if self._status is not None:
-            self._status.update(message)
+            self._status.update(escape(message))
 
     def progress(self, label: str, done: int, total: int) -> None:
         if self._status is not None:
-            self._status.update(f"{label} {done}/{total}")
+            self._status.update(f"{escape(label)} {done}/{total}")
 
 
 def _run(fn: Callable[[], Any]) -> Any:
