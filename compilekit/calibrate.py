@@ -44,6 +44,7 @@ def watch_outputs(program: Program, batches: Sequence[Batch], watchers: Mapping[
     interpreter = _Watching(module, watchers)
     with torch.no_grad():
         for i, batch in enumerate(batches):
+            program.check_inputs(batch)
             interpreter.run(*(batch[s.name] for s in program.inputs))
             if progress:
                 progress(i + 1, len(batches))

@@ -22,9 +22,9 @@ import torch
 
 from . import __version__
 from .artifact import Artifact
-from .errors import CompilekitError, GateFailure, LoweringError, RecipeError, VerificationError
+from .errors import CompilekitError, GateFailure, InputShapeError, LoweringError, RecipeError, VerificationError
 from .export import ExportAdapter, discover_outputs, export_program
-from .ir import Program
+from .ir import Program, dtype_name
 from .kvcache import KVLayout
 from .pipeline import LedgerEntry, PassContext, PassManager, build_passes
 from .recipe import LoadedRecipe
@@ -128,7 +128,14 @@ def calibration_context(loaded: LoadedRecipe, model: LoadedModel, adapter: Any, 
                 raise VerificationError("the calibration data has no samples",
                                         hint="raise calibration.samples, or give a larger corpus / tensor file")
             reporter.log(f"calibration: {sample_count(cache)} samples ({loaded.recipe.calibration.source})")
-        return [feeds_for(program.kv_layout, b) for b in cache]
+        feeds = [feeds_for(program.kv_layout, b) for b in cache]
+        for i, feed in enumerate(feeds):
+            try:
+                program.check_inputs(feed)
+            except InputShapeError as exc:  # say it is the calibration data, and which batch
+                raise InputShapeError(f"calibration batch {i} ({loaded.recipe.calibration.source}): {exc.message}",
+                                      hint=exc.hint) from None
+        return feeds
 
     return PassContext(calibration=batches)
 
@@ -147,8 +154,16 @@ def _calibration_batches(loaded: LoadedRecipe, model: LoadedModel, adapter: Any)
                            "no tokenizer", hint="set `calibration: {source: random}` or `{source: tensors, path: ...}`")
     if cal.source == "tensors":
         names = ["input_ids"] if decoder else [i.name for i in r.inputs]
+        file_batches = load_tensor_batches(cal.path, names)
+        dtypes = {i.name: i.dtype for i in r.inputs}
+        for n, b in enumerate(file_batches):
+            wrong = {k: dtype_name(v.dtype) for k, v in b.items() if dtype_name(v.dtype) != dtypes[k]}
+            if wrong:
+                raise loaded.error(("calibration", "path"), f"calibration file {cal.path}: batch {n} has {wrong}; "
+                                   f"the recipe's inputs are {({k: dtypes[k] for k in wrong})}",
+                                   hint="save the tensors in the recipe's input dtypes")
         loaded_batches = [{k: v[i:i + batch_size] for k, v in b.items()}
-                          for b in load_tensor_batches(cal.path, names)
+                          for b in file_batches
                           for i in range(0, next(iter(b.values())).shape[0], batch_size)]
         return [_prefill(adapter, b["input_ids"]) for b in loaded_batches] if decoder else loaded_batches
     if decoder:

@@ -45,6 +45,10 @@ class VerificationError(CompilekitError):
     """Verification could not run (bad checking data, missing tokenizer, ...)."""
 
 
+class InputShapeError(CompilekitError):
+    """Inputs fed to a program do not fit the shapes and dim ranges it was exported for."""
+
+
 class GateFailure(Exception):
     """An accuracy or latency gate failed. Not a user error: exit code 3."""
 

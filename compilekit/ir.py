@@ -91,11 +91,45 @@ class Program:
         missing = [s.name for s in self.inputs if s.name not in inputs]
         if missing:
             raise KeyError(f"missing program inputs: {missing}")
+        self.check_inputs(inputs)
         with torch.no_grad():
             result = self._module(*(inputs[s.name] for s in self.inputs))
         if isinstance(result, torch.Tensor):
             result = (result,)
         return {spec.name: value for spec, value in zip(self.outputs, result, strict=True)}
+
+    def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        """Raise `InputShapeError` naming the input, axis and recipe dim when `inputs` do not fit the shapes
+        the program was exported for. Without this, torch.export's guard says only `args_0.size()[1] <= 64`."""
+        from .errors import InputShapeError
+
+        ranges = {d.name: d for d in self.dims}
+        seen: dict[str, tuple[str, int, int]] = {}  # dim -> (input, axis, size) where it was first read
+        widen = "cut the data to the recipe's dims, or widen `dims` in the recipe and compile again"
+        for spec in self.inputs:
+            value = inputs[spec.name]
+            shape = tuple(value.shape)
+            if len(shape) != len(spec.shape):
+                raise InputShapeError(f"input `{spec.name}` has shape {list(shape)}; the program takes rank "
+                                      f"{len(spec.shape)}: {list(spec.shape)}", hint="feed tensors of the recipe's "
+                                                                                    "input shapes")
+            for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
+                if isinstance(want, int):
+                    if want != got:
+                        raise InputShapeError(f"input `{spec.name}` has size {got} on axis {axis}; the program "
+                                              f"was exported with a fixed size {want} there", hint=widen)
+                    continue
+                dim = ranges.get(want)
+                if dim is None:
+                    continue
+                if not dim.min <= got <= dim.max:
+                    raise InputShapeError(f"input `{spec.name}` has size {got} on axis {axis} (dim `{want}`), "
+                                          f"outside the recipe's dims.{want} range {dim.min}..{dim.max}", hint=widen)
+                first = seen.setdefault(want, (spec.name, axis, got))
+                if first[2] != got:
+                    raise InputShapeError(f"dim `{want}` is {first[2]} in input `{first[0]}` (axis {first[1]}) but "
+                                          f"{got} in input `{spec.name}` (axis {axis})",
+                                          hint="inputs that share a dim must agree on its size")
 
     # ------------------------------------------------------------------------------------- editing
     @property

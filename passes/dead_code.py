@@ -3,7 +3,8 @@
 No-op rules, each `x -> x`, for ops whose result is provably its input:
 - `dropout`: in eval mode (`train=False`) or with `p == 0`;
 - identity views and copies (`view`, `reshape`, `expand`, `clone`, `alias`, `contiguous`, `detach`,
-  `to` / `_to_copy`, full `slice`): when the result has the input's shape, dtype and device;
+  `to` / `_to_copy`, full `slice`): when the result has the input's shape, dtype and device, and for the
+  copies also its strides (a later `view` may need the copy's layout);
 - `x + 0`, `x - 0`, `x * 1`, `x / 1` with a Python scalar, when the result keeps x's dtype;
 - `_assert_tensor_metadata` checks that hold by the traced metadata (same dtype, device, layout);
 - `cat` operands that are empty 1-D constants: `torch.cat` skips them (its legacy rule), and transformers'
@@ -33,11 +34,20 @@ _SAME_SHAPE_OPS = frozenset({
     aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
     aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.slice.Tensor,
 })
+# Copies that may also change the memory layout; a view of the same shape keeps its input's strides.
+_COPY_OPS = frozenset({aten.clone.default, aten.contiguous.default, aten._to_copy.default, aten.to.dtype,
+                       aten.to.dtype_layout, aten.to.device})
 _ARITH = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1, aten.div.Tensor: 1}
 
 
 def _same_dims(a, b) -> bool:
     return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same strides on every axis longer than 1 (a stride of a size-1 axis is never used)."""
+    return all(same_size(sa, sb) for size, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True)
+               if not (isinstance(size, int) and size == 1))
 
 
 def _common_guard(node: torch.fx.Node) -> str | None:
@@ -64,6 +74,9 @@ def _check_same(node: torch.fx.Node) -> str | None:
         return "changes device"
     if not _same_dims(src.shape, out.shape):
         return "changes shape"
+    if node.target in _COPY_OPS and not _same_layout(src, out):
+        # `transpose(...).contiguous().view(...)` (DeBERTa): the view needs the copy's layout
+        return "changes memory layout"
     if node.target is aten.slice.Tensor:
         start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
         step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from compilekit.calibrate import load_tensor_batches, observe_inputs
 from compilekit.compile import Reporter, _calibration_batches, compile_recipe
-from compilekit.errors import RecipeError
+from compilekit.errors import InputShapeError, RecipeError
 from compilekit.inputs import make_inputs
 from compilekit.recipe import load_recipe
 
@@ -49,6 +49,24 @@ def test_tensor_file_batches(tmp_path):
     save_file({"input_ids": torch.ones(1, 4, dtype=torch.int64)}, str(path))
     with pytest.raises(RecipeError, match="lacks inputs"):
         load_tensor_batches(path, ["input_ids", "attention_mask"])
+
+
+def test_calibration_tensors_that_do_not_fit_the_recipe_are_named(tiny_recipe, registry_dir, tmp_path):
+    """A tensor file longer than dims.seq, or in the wrong dtype, is a user error that says which input and
+    which dim, not a pass failure with torch's raw guard text."""
+    path = tmp_path / "cal.safetensors"
+    passes = ["cleanup.dead_code", {"name": "quantize.int8", "options": {"activations": "static"}}]
+    recipe = tiny_recipe({"passes": passes, "calibration": {"source": "tensors", "path": str(path)}})
+    feeds = {n: torch.ones(2, 40, dtype=torch.int64) for n in ("input_ids", "attention_mask", "token_type_ids")}
+    save_file(feeds, str(path))
+    with pytest.raises(InputShapeError, match=r"calibration batch 0 \(tensors\): input `input_ids` has size 40 on "
+                                              r"axis 1 \(dim `seq`\), outside the recipe's dims.seq range 1..32"):
+        compile_recipe(load_recipe(recipe), registry=registry_dir)
+    save_file({**feeds, "input_ids": torch.ones(2, 8), "attention_mask": torch.ones(2, 8, dtype=torch.int64),
+               "token_type_ids": torch.zeros(2, 8, dtype=torch.int64)}, str(path))
+    with pytest.raises(RecipeError, match=r"calibration.path: .*batch 0 has \{'input_ids': 'float32'\}"):
+        compile_recipe(load_recipe(recipe), registry=registry_dir)
+    assert not registry_dir.exists() or not any(registry_dir.rglob("manifest.json"))
 
 
 def test_calibration_section_errors(tiny_recipe):

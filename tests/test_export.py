@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compilekit.errors import CompilekitError, ExportError
+from compilekit.errors import CompilekitError, ExportError, InputShapeError
 from compilekit.export import discover_outputs, named_tensor_outputs
 from compilekit.inputs import export_example_sizes, make_inputs
 from compilekit.recipe import DimSpec
@@ -57,7 +57,8 @@ def test_padded_attention_mask_matches_eager(bert):
 def test_dim_ranges_are_recorded_and_enforced(bert):
     program, _, inputs, _ = bert
     assert [(d.name, d.min, d.opt, d.max) for d in program.dims] == [("batch", 1, 2, 8), ("seq", 1, 8, 32)]
-    with pytest.raises(Exception, match=r"size\(\)\[0\] <= 8"):  # torch's input guard: batch 9 > batch.max
+    with pytest.raises(InputShapeError, match=r"size 9 on axis 0 \(dim `batch`\), outside the recipe's dims.batch "
+                                              r"range 1..8"):
         program.run(_data(inputs, 9, 4, seed=0))
 
 

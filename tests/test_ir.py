@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
+from compilekit.errors import InputShapeError
 from compilekit.inputs import make_inputs
 from compilekit.ir import DimRange, TensorSpec, op_histogram, op_name
 
@@ -39,6 +40,25 @@ def test_run_names_the_missing_input(bert):
     del data["token_type_ids"]
     with pytest.raises(KeyError, match="token_type_ids"):
         program.run(data)
+
+
+def test_inputs_outside_the_exported_shapes_name_the_input_axis_and_dim(bert):
+    """torch.export's guard would say only `args_0.size()[1] <= 32`; the program names the recipe's dim."""
+    program, _, inputs, _ = bert
+    program.run(_data(inputs, 2, 32))  # the edge of dims.seq runs
+    with pytest.raises(InputShapeError, match=r"input `input_ids` has size 33 on axis 1 \(dim `seq`\), outside "
+                                              r"the recipe's dims.seq range 1..32"):
+        program.run(_data(inputs, 2, 33))
+    with pytest.raises(InputShapeError, match=r"size 9 on axis 0 \(dim `batch`\).*range 1..8"):
+        program.run(_data(inputs, 9, 4))
+    ragged = _data(inputs, 2, 8)
+    ragged["attention_mask"] = ragged["attention_mask"][:, :7]
+    with pytest.raises(InputShapeError, match="dim `seq` is 8 in input `input_ids` .* but 7 in input `attention_mask`"):
+        program.run(ragged)
+    extra_axis = _data(inputs, 2, 8)
+    extra_axis["token_type_ids"] = extra_axis["token_type_ids"][..., None]
+    with pytest.raises(InputShapeError, match=r"`token_type_ids` has shape \[2, 8, 1\]; the program takes rank 2"):
+        program.run(extra_axis)
 
 
 # ---------------------------------------------------------------------------------------- summary

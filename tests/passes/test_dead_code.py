@@ -190,6 +190,28 @@ def test_clone_feeding_the_output_is_kept(export_module):
     assert torch.equal(result.program.run({"x": x})["output"], x * 2)
 
 
+def test_a_copy_that_changes_the_layout_is_kept(export_module):
+    """`x.t().contiguous().view(...)` (DeBERTa's attention does this): the view needs the copy's row-major
+    layout, so the same-shape contiguous is not an identity. Removing it once broke the program ("view size
+    is not compatible with input tensor's size and stride"). A clone that keeps the layout still goes."""
+    class Transposed(torch.nn.Module):
+        def forward(self, x):
+            y = x.reshape(x.shape[0], 2, 4).transpose(1, 2).contiguous().view(x.shape[0], 8)
+            return (y * 2).clone() + 1
+
+    program = export_module(Transposed())
+    hist = op_histogram(program.graph)
+    assert hist["aten.contiguous"] == 1 and hist["aten.clone"] == 1
+    result = DeadCodePass()(program)
+    assert result.stats["noop_removed"] == {"identity": 1}
+    assert result.stats["skipped"]["identity"]["changes memory layout"] == 1
+    assert op_histogram(result.program.graph)["aten.contiguous"] == 1 and "aten.clone" not in op_histogram(
+        result.program.graph)
+    x = torch.randn(3, 8)
+    want = x.reshape(3, 2, 4).transpose(1, 2).reshape(3, 8) * 2 + 1
+    assert torch.equal(result.program.run({"x": x})["output"], want)
+
+
 def test_dtype_promotion_is_not_an_identity(export_module):
     class IntMath(torch.nn.Module):
         def forward(self, x):
