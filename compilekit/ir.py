@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 
+from .errors import InputShapeError
+
 
 @dataclass(frozen=True)
 class DimRange:
@@ -101,8 +103,6 @@ class Program:
     def check_inputs(self, inputs: Mapping[str, torch.Tensor]) -> None:
         """Raise `InputShapeError` naming the input, axis and recipe dim when `inputs` do not fit the shapes
         the program was exported for. Without this, torch.export's guard says only `args_0.size()[1] <= 64`."""
-        from .errors import InputShapeError
-
         ranges = {d.name: d for d in self.dims}
         seen: dict[str, tuple[str, int, int]] = {}  # dim -> (input, axis, size) where it was first read
         widen = "cut the data to the recipe's dims, or widen `dims` in the recipe and compile again"
