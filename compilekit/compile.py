@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .artifact import Artifact
 from .errors import CompilekitError, GateFailure, InputShapeError, LoweringError, RecipeError, VerificationError
-from .export import ExportAdapter, discover_outputs, export_program
+from .export import ExportAdapter, discover_outputs, export_program, position_tables
 from .ir import Program, dtype_name
 from .kvcache import KVLayout
 from .pipeline import LedgerEntry, PassContext, PassManager, build_passes
@@ -333,6 +333,10 @@ def prepare(loaded: LoadedRecipe, reporter: Reporter, timer: _Timer, *, stop_aft
         params = [p for p in inspect.signature(model.module.forward).parameters if p not in ("self", "kwargs")]
         raise loaded.error(("inputs", index, "name"), f"{type(model.module).__name__}.forward has no input {name!r}",
                            hint=f"it takes: {', '.join(params)}")
+    # Token inputs ([batch, seq] ids and masks) are what a position table indexes along their axis 1.
+    token_dims = {i.shape[1] for i in recipe.inputs if i.dtype in ("int64", "int32") and len(i.shape) > 1}
+    for dim in sorted(d for d in token_dims if isinstance(d, str)):
+        _check_position_tables(loaded, model, [dim])
     with timer("data", f"{recipe.verify.data.samples} samples ({recipe.verify.data.source})"):
         batches = _checking_batches(loaded, model)
         with _eager_errors():
@@ -354,10 +358,11 @@ def _prepare_decoder(loaded: LoadedRecipe, passes, target, model: LoadedModel, t
     from .verify.llm import decoder_batches
 
     recipe = loaded.recipe
+    batch_dim, seq_dim = recipe.inputs[0].shape
+    _check_position_tables(loaded, model, [seq_dim, "past"])
     with _eager_errors():
         kv = probe_kv_layout(model.module)
     adapter = DecoderAdapter(model.module, kv)
-    batch_dim, seq_dim = recipe.inputs[0].shape
     specs = adapter.input_specs(batch_dim, seq_dim)
     data = recipe.verify.data
     # A prefill of length - 1 tokens and one decode step after it, within both dims' ranges.
@@ -373,6 +378,26 @@ def _prepare_decoder(loaded: LoadedRecipe, passes, target, model: LoadedModel, t
         program = export_program(adapter, specs, recipe.dims, vocab_size=model.vocab_size, seed=data.seed)
         program = replace(program, kv_layout=kv.to_dict())
     return passes, target, model, adapter, batches, reference, program
+
+
+def _check_position_tables(loaded: LoadedRecipe, model: LoadedModel, length_dims: Sequence[Any]) -> None:
+    """A recipe whose longest input (the sum of `length_dims`' max: seq, plus past with a KV cache) runs past a
+    learned position table would export a program that fails, or reads past the table, on the longest inputs
+    the manifest promises. torch.export catches some of these (BERT slices a position_ids buffer) and not
+    others (GPT-2 and RoBERTa compute position ids), so this is checked before export, for every model."""
+    dims = [d for d in length_dims if isinstance(d, str) and d in loaded.recipe.dims]
+    if not dims:
+        return
+    longest = sum(loaded.recipe.dims[d].max for d in dims)
+    for table in position_tables(model.module):
+        if longest <= table.limit:
+            continue
+        fields = f" (config {', '.join(table.config_fields)})" if table.config_fields else ""
+        total = " + ".join(f"dims.{d}.max" for d in dims)
+        raise loaded.error(("dims", dims[0], "max"),
+                           f"{total} is {longest}, but the model's position table `{table.module}` covers "
+                           f"{table.limit} positions{fields}: longer inputs would index past it",
+                           hint=f"set {total} to {table.limit} or less")
 
 
 def feeds_for(program_kv: dict[str, Any] | None, batch: Batch) -> Batch:

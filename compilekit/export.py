@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
@@ -206,14 +207,82 @@ _HINTS = [
 _CONSTRAINT = "Constraints violated"
 
 
-def _export_error(exc: BaseException) -> ExportError:
+# torch's "Suggested fixes" line for a narrowed dim: `seq = Dim('seq', max=128)` (min= may come first).
+_SUGGESTED_MAX = re.compile(r"(\w+) = Dim\('\w+'(?:, min=\d+)?, max=(\d+)\)")
+_POSITIONAL = re.compile(r"position|n_positions|n_ctx|seq|context|length|window", re.IGNORECASE)
+
+
+def _config_fields(model: Any) -> dict[str, int]:
+    """Integer fields of a transformers config (and of its text_config), by dotted name."""
+    found: dict[str, int] = {}
+    config = getattr(model, "config", None)
+    for prefix, cfg in (("", config), ("text_config.", getattr(config, "text_config", None))):
+        for key, value in (vars(cfg) if cfg is not None else {}).items():
+            if isinstance(value, int) and not isinstance(value, bool) and not key.startswith("_"):
+                found[prefix + key] = value
+    return found
+
+
+def _narrowed_dims(text: str, model: Any, recipe_dims: Mapping[str, Any]) -> list[tuple[str, int, str]]:
+    """For each recipe dim that torch.export narrowed below the recipe's max to a bound that a config field holds
+    (usually max_position_embeddings / n_positions: the size of a position table): (dim, bound, a sentence
+    naming that field), so the user sees which limit of the model the recipe crossed."""
+    fields = _config_fields(model)
+    lines = []
+    for name, bound in ((n, int(b)) for n, b in _SUGGESTED_MAX.findall(text)):
+        want = recipe_dims.get(name)
+        if want is None or bound >= want.max:
+            continue
+        named = [k for k, v in fields.items() if v == bound]
+        # A hidden size can equal the bound by chance; a positional limit is the likely cause when there is one.
+        named = [k for k in named if _POSITIONAL.search(k)] or named
+        if named:  # otherwise torch's own suggestion (in the message) is all there is to say
+            lines.append((name, bound, f"dims.{name}.max is {want.max}, but the model's config has "
+                                       f"{' = '.join(named)} = {bound}"))
+    return lines
+
+
+@dataclass(frozen=True)
+class PositionTable:
+    """A learned absolute-position embedding: inputs longer than `limit` tokens would index past its end."""
+
+    module: str
+    limit: int
+    config_fields: tuple[str, ...]  # "max_position_embeddings = 512": the config fields that size it
+
+
+_POSITION_TABLE = re.compile(r"position|^wpe$", re.IGNORECASE)
+
+
+def position_tables(model: torch.nn.Module) -> list[PositionTable]:
+    """The model's absolute-position embedding tables (BERT's position_embeddings, GPT-2's wpe, OPT's
+    embed_positions), each with the longest input it covers. Position ids start after the padding index
+    where one is set (RoBERTa: padding_idx + 1) or after a declared `offset` (OPT, BART: 2). Rotary and ALiBi
+    models have none: they compute positions, so no table bounds the length."""
+    fields = _config_fields(model)
+    tables = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Embedding) or not _POSITION_TABLE.search(name.rsplit(".", 1)[-1]):
+            continue
+        start = module.padding_idx + 1 if module.padding_idx is not None else int(getattr(module, "offset", 0) or 0)
+        size = module.num_embeddings
+        named = tuple(f"{k} = {v}" for k, v in fields.items() if _POSITIONAL.search(k) and v in (size, size - start))
+        tables.append(PositionTable(name, size - start, named))
+    return tables
+
+
+def _export_error(exc: BaseException, model: Any = None, recipe_dims: Mapping[str, Any] | None = None) -> ExportError:
     text = str(exc).strip()
     head = "\n    ".join(text.splitlines()[:12])
     frame = _user_frame(exc)
     hint = next((h for key, h in _HINTS if key in text), "run `compilekit inspect` on a smaller config to "
                 "isolate the construct, or report the model")
+    narrowed = _narrowed_dims(text, model, recipe_dims or {}) if _CONSTRAINT in text else []
+    if narrowed:
+        hint = "set " + ", ".join(f"dims.{name}.max to {bound} or less" for name, bound, _ in narrowed)
     where = f"\n  failing construct: {frame}" if frame else ""
-    return ExportError(f"torch.export failed ({type(exc).__name__}):\n    {head}{where}", hint=hint)
+    first = "".join(f"{sentence}.\n" for _, _, sentence in narrowed)
+    return ExportError(f"{first}torch.export failed ({type(exc).__name__}):\n    {head}{where}", hint=hint)
 
 
 def _export_with_dim_hints(adapter: ExportAdapter, args, recipe_inputs, recipe_dims: Mapping[str, Any]):
@@ -269,7 +338,7 @@ def export_program(adapter: ExportAdapter, recipe_inputs, recipe_dims: Mapping[s
     except Exception as exc:  # torch.export raises many unrelated types; all mean "did not export"
         ep = _export_with_dim_hints(adapter, args, recipe_inputs, recipe_dims) if _CONSTRAINT in str(exc) else None
         if ep is None:
-            raise _export_error(exc) from None
+            raise _export_error(exc, getattr(adapter, "model", None), recipe_dims) from None
 
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     user_inputs = ep.graph_signature.user_inputs

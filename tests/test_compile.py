@@ -222,3 +222,29 @@ def test_build_cache_skips_a_build_that_does_not_fit_this_machine(tiny_recipe, r
     monkeypatch.undo()
     assert compile_recipe(load_recipe(tiny_recipe()), registry=registry_dir).reused
     assert first.manifest["build_key"] == again.manifest["build_key"]
+
+
+# A learned position table bounds the input length. BERT's table is found by torch.export too (it slices a
+# position_ids buffer); GPT-2 and RoBERTa compute position ids, export fine, and would fail only on long inputs.
+@pytest.mark.parametrize("config, inputs, limit, field", [
+    ({"model_type": "bert", "max_position_embeddings": 16}, ["input_ids", "attention_mask", "token_type_ids"],
+     16, "max_position_embeddings = 16"),
+    # RoBERTa's position ids start after its padding index (pad_token_id 1): 18 rows cover 16 tokens.
+    ({"model_type": "roberta", "max_position_embeddings": 18}, ["input_ids", "attention_mask"], 16,
+     "max_position_embeddings = 18"),
+    ({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 16, "bos_token_id": 0,
+      "eos_token_id": 0, "hidden_size": None, "num_hidden_layers": None, "num_attention_heads": None,
+      "intermediate_size": None, "max_position_embeddings": None}, ["input_ids", "attention_mask"], 16,
+     "n_positions = 16"),
+])
+def test_seq_beyond_the_position_table_is_a_recipe_error(config, inputs, limit, field, tiny_recipe, registry_dir):
+    overrides = {"model": {"config": config}, "dims": {"seq": {"max": limit + 1}},
+                 "inputs": [{"name": n, "dtype": "int64", "shape": ["batch", "seq"]} for n in inputs]}
+    with pytest.raises(RecipeError) as info:
+        compile_recipe(load_recipe(tiny_recipe(overrides)), registry=registry_dir)
+    assert f"dims.seq.max is {limit + 1}" in info.value.message and f"covers {limit} positions" in info.value.message
+    assert field in info.value.message and info.value.hint == f"set dims.seq.max to {limit} or less"
+    assert _leftovers(registry_dir) == []
+    # At the table's length the same model compiles.
+    overrides["dims"]["seq"]["max"] = limit
+    assert compile_recipe(load_recipe(tiny_recipe(overrides)), registry=registry_dir).passed

@@ -233,3 +233,13 @@ def test_rejected_named_dims_fall_back_to_dim_hints(monkeypatch, export_tiny, ti
         data = _data(inputs, batch, seq, seed=i)
         err = (program.run(data)["logits"] - adapter.named(data)["logits"]).abs().max().item()
         assert err <= 1e-5, f"batch {batch}, seq {seq}: max abs {err}"
+
+
+def test_a_dim_narrowed_by_a_config_limit_names_the_config_field(export_tiny, tiny_configs):
+    """torch.export's own "Constraints violated" for BERT's position_ids buffer names the config field behind it."""
+    config = {**tiny_configs["bert"], "max_position_embeddings": 16, "intermediate_size": 16}
+    with pytest.raises(ExportError) as info:
+        export_tiny(config, "feature-extraction", ("input_ids", "attention_mask"))
+    # intermediate_size is 16 too, by chance: the positional field is the one named.
+    assert info.value.message.startswith("dims.seq.max is 32, but the model's config has max_position_embeddings = 16.")
+    assert info.value.hint == "set dims.seq.max to 16 or less"
