@@ -27,7 +27,10 @@ class Decoder(Protocol):
 
     def start(self, batch: int) -> None: ...
 
-    def step(self, input_ids: np.ndarray) -> np.ndarray: ...
+    def step(self, input_ids: np.ndarray, *, last_only: bool = False) -> np.ndarray:
+        """Logits [B, S, V] of the step's tokens; with `last_only`, possibly only the last position's
+        ([B, 1, V]): a prefill needs no more, and a decoder that can skip the rest of the lm_head does."""
+        ...
 
     @property
     def cache_bytes(self) -> int: ...
@@ -49,7 +52,7 @@ class ProgramDecoder:
         self.past = {name: torch.zeros(shape) for name in self.layout.past_names}
         self.position = 0
 
-    def step(self, input_ids: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, *, last_only: bool = False) -> np.ndarray:
         ids = torch.as_tensor(input_ids, dtype=torch.int64)
         b, s = ids.shape
         canonical = {INPUT_IDS: ids, POSITION_IDS: torch.arange(self.position, self.position + s).expand(b, s),
@@ -139,7 +142,7 @@ class Generator:
         batch = ids.shape[0]
         self.decoder.start(batch)
         start = time.perf_counter()
-        logits = self.decoder.step(ids)
+        logits = self.decoder.step(ids, last_only=True)
         prefill = time.perf_counter() - start
         token = _choose(logits[:, -1], greedy, temperature, top_p, rng)
         ttft = time.perf_counter() - start

@@ -19,6 +19,7 @@ from . import BuildResult, Runner, Target, TargetOptions
 from .onnx import lower_to_onnx, lowest_ir_version
 from .ort_attention import contrib_attention_as_standard, ort_has_standard_attention
 from .ort_int8 import int8_weights_as_uint8, resolve_int8_weights
+from .ort_logits import LOGITS_TO_KEEP, add_logits_to_keep
 from .ort_residual import fold_residual_bias
 
 MODEL_FILE = "model.onnx"
@@ -101,6 +102,19 @@ def open_session(path: Path, so=None, providers=None, disabled: list[str] | None
     return ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=[*disabled, _FP8_WORKAROUND])
 
 
+def _declares_logits_to_keep(path: Path) -> bool:
+    """Does the ONNX file name the `logits_to_keep` input? A byte search of the mapped file (tens of ms for
+    hundreds of MB), not a protobuf parse, which would copy every weight. compilekit writes that name only as
+    the input; a chance match in weight bytes would only quiet ORT's warnings for that session."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return data.find(LOGITS_TO_KEEP.encode()) >= 0
+    except (OSError, ValueError):  # missing or empty file: the session load reports it
+        return False
+
+
 _TINY = 1e-300  # a global, so the multiply below runs on the calling thread rather than being folded at compile time
 
 
@@ -130,6 +144,11 @@ class OnnxRuntimeRunner(Runner):
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spinning else "0")
         if options.denormal_as_zero:
             so.add_session_config_entry("session.set_denormal_as_zero", "1")
+        if _declares_logits_to_keep(path):
+            # ORT warns on every load that an initializer listed as an input "will not be treated as constant":
+            # for logits_to_keep that is the point (ort_logits), and the warning reads like a defect. Errors
+            # still print.
+            so.log_severity_level = 3
         if options.flavor == "tensorrt":
             # ORT fuses INT4 DequantizeLinear + MatMul into MatMulNBits at accuracy_level 4 (int8 activations)
             # by default; TensorRT multiplies in float, and so must the ORT run that checks its ONNX.
@@ -215,6 +234,8 @@ class OrtDecoder:
         self.batch = 0
         names = {i.name for i in session.get_inputs()}
         self.has_cache_position = CACHE_POSITION in names
+        # An input with a default (ort_logits): a prefill can ask for the last position's logits only.
+        self.can_keep_last = LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
         self.vocab_size = int(next(o for o in session.get_outputs() if o.name == LOGITS).shape[-1])
         self.io = None
         self.logits: np.ndarray | None = None
@@ -231,7 +252,7 @@ class OrtDecoder:
         self.batch = batch
         self.io = None
         self.logits = None
-        self.bound_shape: tuple[int, int] | None = None
+        self.bound_shape: tuple[int, int, int] | None = None
         if lay.cache in ("static", "paged"):
             # The cache bindings never change: bind them once, and per step rebind only the small inputs and
             # the logits (a step is ~15 ms; 120 Python-level bind calls would cost several percent of it).
@@ -243,12 +264,14 @@ class OrtDecoder:
                 self.block_table = lay.block_table(batch).numpy()
                 self.bound_blocks = 0
 
-    def step(self, input_ids: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, *, last_only: bool = False) -> np.ndarray:
+        """Logits [B, S, V] of the step; [B, 1, V] with `last_only` when the model can skip the rest."""
         import onnxruntime as ort
 
         lay = self.layout
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = ids.shape
+        keep = 1 if last_only and s > 1 and self.can_keep_last else 0  # 0: every position
         if lay.cache in ("static", "paged") and self.position + s > (lay.max_len or 0):
             raise ValueError(f"position {self.position + s} is past the static cache ({lay.max_len} positions)")
         positions = np.arange(self.position, self.position + s, dtype=np.int64)
@@ -256,15 +279,17 @@ class OrtDecoder:
             # Inputs and logits live in numpy arrays bound once per step shape (every decode step has the
             # same one): a step then writes three small arrays and runs. ORT reads and writes those arrays'
             # memory directly, so no per-step binding, output list or copy.
-            if self.bound_shape != (b, s):
+            if self.bound_shape != (b, s, keep):
                 self.step_arrays = {INPUT_IDS: np.empty((b, s), np.int64), POSITION_IDS: np.empty((b, s), np.int64)}
                 if self.has_cache_position:
                     self.step_arrays[CACHE_POSITION] = np.empty((s,), np.int64)
+                if self.can_keep_last:  # bound every time: a binding outlives the step that made it
+                    self.step_arrays[LOGITS_TO_KEEP] = np.array(keep, np.int64)
                 for name, array in self.step_arrays.items():
                     self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-                self.logits = np.empty((b, s, self.vocab_size), dtype=np.float32)
+                self.logits = np.empty((b, keep or s, self.vocab_size), dtype=np.float32)
                 self.io.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self.logits))
-                self.bound_shape = (b, s)
+                self.bound_shape = (b, s, keep)
             if lay.cache == "paged":  # only the blocks in use: the step gathers and attends no more
                 blocks = lay.blocks_in_use(self.position + s)
                 if blocks != self.bound_blocks:
@@ -283,6 +308,8 @@ class OrtDecoder:
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(np.broadcast_to(positions, (b, s))))
         if self.has_cache_position:
             io.bind_cpu_input(CACHE_POSITION, positions)
+        if keep:  # an OrtValue: ORT's bind_cpu_input does not find an input that has a default
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64)))
         for name, value in zip(lay.past_names, self.past):
             io.bind_ortvalue_input(name, value)
         io.bind_output(LOGITS)
@@ -341,7 +368,8 @@ class OnnxRuntimeTarget(Target):
         ORT rejects or cannot run (GPT-2's attention output projection was one: "Gemm input 0 expected to have
         rank 2 but has rank 3", now fixed by _flatten_attention_into_gemm); the plain graph is then the right
         build. The uint8 weights of int8 MatMuls (`int8_weights`) are not optional: when the fusions fail,
-        the plain graph gets that rewrite alone."""
+        the plain graph gets that rewrite alone. A decoder's logits_to_keep input is tried the same way, and
+        dropped with the fusions if even that fails."""
         import shutil
 
         side = path.parent / ".ort-fusions"
@@ -350,7 +378,7 @@ class OnnxRuntimeTarget(Target):
             shutil.rmtree(side, ignore_errors=True)
             side.mkdir()
             counts, fused = _fuse_for_ort(path, files, self.options, side / path.name, int8_weights=int8_weights,
-                                          fusions=fusions)
+                                          fusions=fusions, decoder=bool(program.kv_layout))
             # uint8 weights make the fused model exact where the plain one may saturate: judge both by the program.
             _same_outputs(OnnxRuntimeRunner(path, self.options, threads=1),
                           OnnxRuntimeRunner(side / path.name, self.options, threads=1), program,
@@ -366,11 +394,13 @@ class OnnxRuntimeTarget(Target):
                 text = str(exc).replace(f"ONNX Runtime cannot load {side / path.name}: ", "ORT refused it: ")
                 text = text.replace(str(side / path.name), "the fused model").strip().splitlines()
                 dropped = text[0][:300] if text else type(exc).__name__
-            if int8_weights != "uint8":
+            if int8_weights != "uint8" and not program.kv_layout:
                 return {}, dropped
-            try:
+            try:  # the rewrites that are not optional, and a decoder's logits_to_keep, without the fusions
                 return attempt(fusions=False), dropped
             except Exception as exc:
+                if int8_weights != "uint8":
+                    return {}, dropped
                 raise LoweringError(f"the int8 MatMuls could not be given uint8 weights: {exc}",
                                     hint="set target.options.int8_weights: int8 to keep int8 weights (exact only "
                                     "on CPUs with VNNI), or report the model") from None
@@ -492,10 +522,12 @@ def _int8_weights_of(program: Program, options: OnnxRuntimeOptions) -> str | Non
 
 
 def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions, out: Path, *,
-                  int8_weights: str | None = None, fusions: bool = True) -> tuple[dict[str, int], list[Path]]:
+                  int8_weights: str | None = None, fusions: bool = True,
+                  decoder: bool = False) -> tuple[dict[str, int], list[Path]]:
     """ONNX-level rewrites for ONNX Runtime of `path`, written to `out` (and its external data file).
     `fusions`: the optional rewrites the options ask for; `int8_weights == "uint8"`: int8 MatMul weights to
-    uint8 (exact on every CPU; ort_int8), done either way. Returns the fusions that fired and the files written."""
+    uint8 (exact on every CPU; ort_int8), done either way; `decoder` (a KV-cache program): the `logits_to_keep`
+    input (ort_logits), either way. Returns the fusions that fired and the files written."""
     import onnx_ir as ir
 
     model = ir.load(str(path))
@@ -556,6 +588,12 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions, ou
         folded = fold_residual_bias(model)
         if folded:
             counts["residual_bias_folded"] = folded
+    if decoder:
+        not_added = add_logits_to_keep(model)
+        if not_added is None:
+            counts["logits_to_keep_input"] = 1
+        else:
+            counts[f"logits_to_keep_not_added ({not_added})"] = 1
     if int8_weights == "uint8":  # after packing: _pack_sibling_dynamic_quantize takes no zero points
         as_uint8 = int8_weights_as_uint8(model)
         if as_uint8:

@@ -348,10 +348,10 @@ def test_uint8_weights_survive_a_failed_fusion_step(bert, tmp_path, monkeypatch)
 
     real = ort_target._fuse_for_ort
 
-    def failing(path, files, options, out, *, int8_weights=None, fusions=True):
+    def failing(path, files, options, out, *, fusions=True, **kwargs):
         if fusions:
             raise RuntimeError("a fusion broke the graph")
-        return real(path, files, options, out, int8_weights=int8_weights, fusions=fusions)
+        return real(path, files, options, out, fusions=fusions, **kwargs)
 
     monkeypatch.setattr(ort_target, "_fuse_for_ort", failing)
     program, _ = bert

@@ -1,0 +1,141 @@
+"""The onnxruntime target's `logits_to_keep` input (ort_logits): the structure (an input with a default and one
+Slice before the lm_head), the numbers (the default gives every position bit for bit, k gives the last k),
+the graphs it must leave alone, and a compiled decoder whose prefill computes the last position only."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compilekit.targets.ort_logits import LOGITS_TO_KEEP, add_logits_to_keep
+
+H, V = 8, 12
+
+
+def _model(*, head: str = "softcap", rank: int = 3) -> onnx.ModelProto:
+    """x [b, s, H] -> MatMul W [H, V] -> (softcap: Div c, Tanh, Mul c | bias: Add b | softmax: Softmax) -> logits."""
+    rng = np.random.default_rng(0)
+    shape = ["b", "s", H] if rank == 3 else ["n", H]
+    inits = [numpy_helper.from_array(rng.standard_normal((H, V)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(3.0, np.float32), "cap"),
+             numpy_helper.from_array(rng.standard_normal(V).astype(np.float32), "bias")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"])]
+    if head == "softcap":
+        nodes += [helper.make_node("Div", ["xw", "cap"], ["d"]), helper.make_node("Tanh", ["d"], ["t"]),
+                  helper.make_node("Mul", ["t", "cap"], ["logits"])]
+    elif head == "bias":
+        nodes.append(helper.make_node("Add", ["bias", "xw"], ["logits"]))
+    else:
+        nodes.append(helper.make_node("Softmax", ["xw"], ["logits"], axis=-1))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [*shape[:-1], V])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+def _session(model) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("head", ["softcap", "bias"])
+def test_the_lm_head_input_is_sliced_and_the_default_keeps_everything(head):
+    original = _model(head=head)
+    model = ir.from_proto(original)
+    assert add_logits_to_keep(model) is None
+    rewritten = ir.to_proto(model)
+    onnx.checker.check_model(rewritten)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count("Slice") == 1 and ops.index("Slice") < ops.index("MatMul")
+    plain, kept = _session(original), _session(rewritten)
+    assert [i.name for i in kept.get_inputs()] == ["x"]  # not required: its default is fed
+    assert [i.name for i in kept.get_overridable_initializers()] == [LOGITS_TO_KEEP]
+    x = np.random.default_rng(1).standard_normal((2, 5, H)).astype(np.float32)
+    want = plain.run(None, {"x": x})[0]
+    assert np.array_equal(kept.run(None, {"x": x})[0], want)
+    for k in (1, 3, 5):
+        got = kept.run(None, {"x": x, LOGITS_TO_KEEP: np.array(k, np.int64)})[0]
+        assert got.shape == (2, k, V)
+        np.testing.assert_allclose(got, want[:, -k:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("head, rank, reason", [
+    ("softmax", 3, "do not come from a product"),  # not one of the position-wise ops it looks through
+    ("bias", 2, "rank 2"),
+])
+def test_graphs_it_cannot_slice_are_left_alone(head, rank, reason):
+    model = ir.from_proto(_model(head=head, rank=rank))
+    before = [n.op_type for n in model.graph]
+    assert reason in add_logits_to_keep(model)
+    assert [n.op_type for n in model.graph] == before and [v.name for v in model.graph.inputs] == ["x"]
+    assert LOGITS_TO_KEEP not in model.graph.initializers
+
+
+def test_a_model_without_logits_is_left_alone():
+    proto = _model()
+    proto.graph.output[0].name = "scores"
+    proto.graph.node[-1].output[0] = "scores"
+    model = ir.from_proto(proto)
+    assert add_logits_to_keep(model) == "no `logits` output"
+    assert len(model.graph.inputs) == 1
+
+
+@pytest.mark.parametrize("cache", ["static", "concat"])
+def test_a_compiled_decoder_prefills_the_last_position_only(cache, tmp_path):
+    """The lowered tiny Llama decoder gets the input; a last-only prefill gives the full prefill's last row
+    and leaves the same cache behind (the next step's logits agree)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import torch
+    import transformers
+
+    from compilekit.export import DecoderAdapter, export_program, probe_kv_layout
+    from compilekit.kvcache import KVLayout
+    from compilekit.pipeline import get_pass
+    from compilekit.targets.onnxruntime import OnnxRuntimeTarget
+
+    # head size 16: ORT's GroupQueryAttention takes multiples of 16 only
+    config = transformers.AutoConfig.for_model("llama", vocab_size=128, hidden_size=64, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=64)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    kv = probe_kv_layout(model)
+    adapter = DecoderAdapter(model, kv)
+    dims = {"batch": SimpleNamespace(min=1, opt=1, max=4), "seq": SimpleNamespace(min=1, opt=8, max=16),
+            "past": SimpleNamespace(min=0, opt=8, max=32)}
+    program = replace(export_program(adapter, adapter.input_specs("batch", "seq"), dims, vocab_size=128),
+                      kv_layout=kv.to_dict())
+    for name, options in (("cleanup.dead_code", {}), ("fuse.norm", {}), ("fuse.attention", {}),
+                          ("kv.layout", {"cache": cache})):
+        program = get_pass(name)(options)(program).program
+    assert program.kv_layout["cache"] == cache
+    build = OnnxRuntimeTarget({}).lower(program, tmp_path)
+    assert build.info["ort_fusions"].get("logits_to_keep_input") == 1, build.info["ort_fusions"]
+    runner = OnnxRuntimeTarget({}).load(tmp_path, threads=1)
+    assert runner.input_names == [t.name for t in program.inputs]  # the signature is unchanged
+    decoder = runner.decoder(KVLayout.from_dict(program.kv_layout))
+    assert decoder.can_keep_last
+    prompt = np.array([[5, 17, 42, 99, 3, 7], [1, 2, 3, 4, 5, 6]])
+    decoder.start(2)
+    full = np.array(decoder.step(prompt))
+    after_full = np.array(decoder.step(np.array([[9], [10]])))
+    decoder.start(2)
+    last = np.array(decoder.step(prompt, last_only=True))
+    after_last = np.array(decoder.step(np.array([[9], [10]])))
+    assert full.shape == (2, 6, 128) and last.shape == (2, 1, 128)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(after_last, after_full, rtol=0, atol=1e-5)
+    # A full prefill after a last-only one binds every position again.
+    decoder.start(2)
+    decoder.step(prompt, last_only=True)
+    decoder.start(2)
+    np.testing.assert_allclose(np.array(decoder.step(prompt)), full, rtol=0, atol=1e-6)
