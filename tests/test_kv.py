@@ -222,6 +222,39 @@ def test_static_cache_is_updated_in_place(decoder, tmp_path):
     assert decoder.cache_bytes == 4 * 1 * 2 * 64 * 16 * 4  # 2 layers x (k, v) x [1, 2, 64, 16] float32
 
 
+@pytest.mark.parametrize("cache", ["static", "concat"])
+def test_prefill_can_compute_the_last_logits_only(decoder, cache, tmp_path):
+    """The ORT build's logits_to_keep input (ort_logits): a last-only prefill gives the full prefill's last row
+    and leaves the same cache behind (the next step's logits agree); the required inputs are unchanged."""
+    _model, _adapter, program = decoder
+    new = get_pass("kv.layout")({"cache": cache})(program).program
+    target = OnnxRuntimeTarget({})
+    build = target.lower(new, tmp_path)
+    assert build.info["ort_fusions"].get("logits_to_keep_input") == 1, build.info["ort_fusions"]
+    runner = target.load(tmp_path, threads=1)
+    assert runner.input_names == [t.name for t in new.inputs]
+    ort_decoder = runner.decoder(KVLayout.from_dict(new.kv_layout))
+    assert ort_decoder.can_keep_last
+    prompt, step = np.array([[5, 17, 42, 99, 3, 7], [1, 2, 3, 4, 5, 6]]), np.array([[9], [10]])
+    ort_decoder.start(2)
+    full = np.array(ort_decoder.step(prompt))
+    after_full = np.array(ort_decoder.step(step))
+    ort_decoder.start(2)
+    last = np.array(ort_decoder.step(prompt, last_only=True))
+    after_last = np.array(ort_decoder.step(step))
+    assert full.shape == (2, 6, 256) and last.shape == (2, 1, 256)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(after_last, after_full, rtol=0, atol=1e-5)
+    # A multi-token step after a last-only one (same shape) gets every position again (batch 1: ORT's limit).
+    ort_decoder.start(1)
+    first = np.array(ort_decoder.step(prompt[:1]))
+    second = np.array(ort_decoder.step(prompt[1:]))
+    ort_decoder.start(1)
+    ort_decoder.step(prompt[:1], last_only=True)
+    np.testing.assert_allclose(np.array(ort_decoder.step(prompt[1:])), second, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(first, full[:1], rtol=0, atol=1e-5)
+
+
 def test_generator_sampling_is_seeded(decoder):
     model, _adapter, program = decoder
     layout = KVLayout.from_dict(program.kv_layout)

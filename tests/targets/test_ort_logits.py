@@ -1,6 +1,6 @@
 """The onnxruntime target's `logits_to_keep` input (ort_logits): the structure (an input with a default and one
 Slice before the lm_head), the numbers (the default gives every position bit for bit, k gives the last k),
-the graphs it must leave alone, and a compiled decoder whose prefill computes the last position only."""
+and the graphs it must leave alone. A compiled decoder's last-only prefill is in tests/test_kv.py."""
 
 from __future__ import annotations
 
@@ -84,58 +84,3 @@ def test_a_model_without_logits_is_left_alone():
     model = ir.from_proto(proto)
     assert add_logits_to_keep(model) == "no `logits` output"
     assert len(model.graph.inputs) == 1
-
-
-@pytest.mark.parametrize("cache", ["static", "concat"])
-def test_a_compiled_decoder_prefills_the_last_position_only(cache, tmp_path):
-    """The lowered tiny Llama decoder gets the input; a last-only prefill gives the full prefill's last row
-    and leaves the same cache behind (the next step's logits agree)."""
-    from dataclasses import replace
-    from types import SimpleNamespace
-
-    import torch
-    import transformers
-
-    from compilekit.export import DecoderAdapter, export_program, probe_kv_layout
-    from compilekit.kvcache import KVLayout
-    from compilekit.pipeline import get_pass
-    from compilekit.targets.onnxruntime import OnnxRuntimeTarget
-
-    # head size 16: ORT's GroupQueryAttention takes multiples of 16 only
-    config = transformers.AutoConfig.for_model("llama", vocab_size=128, hidden_size=64, intermediate_size=64,
-                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                               max_position_embeddings=64)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    kv = probe_kv_layout(model)
-    adapter = DecoderAdapter(model, kv)
-    dims = {"batch": SimpleNamespace(min=1, opt=1, max=4), "seq": SimpleNamespace(min=1, opt=8, max=16),
-            "past": SimpleNamespace(min=0, opt=8, max=32)}
-    program = replace(export_program(adapter, adapter.input_specs("batch", "seq"), dims, vocab_size=128),
-                      kv_layout=kv.to_dict())
-    for name, options in (("cleanup.dead_code", {}), ("fuse.norm", {}), ("fuse.attention", {}),
-                          ("kv.layout", {"cache": cache})):
-        program = get_pass(name)(options)(program).program
-    assert program.kv_layout["cache"] == cache
-    build = OnnxRuntimeTarget({}).lower(program, tmp_path)
-    assert build.info["ort_fusions"].get("logits_to_keep_input") == 1, build.info["ort_fusions"]
-    runner = OnnxRuntimeTarget({}).load(tmp_path, threads=1)
-    assert runner.input_names == [t.name for t in program.inputs]  # the signature is unchanged
-    decoder = runner.decoder(KVLayout.from_dict(program.kv_layout))
-    assert decoder.can_keep_last
-    prompt = np.array([[5, 17, 42, 99, 3, 7], [1, 2, 3, 4, 5, 6]])
-    decoder.start(2)
-    full = np.array(decoder.step(prompt))
-    after_full = np.array(decoder.step(np.array([[9], [10]])))
-    decoder.start(2)
-    last = np.array(decoder.step(prompt, last_only=True))
-    after_last = np.array(decoder.step(np.array([[9], [10]])))
-    assert full.shape == (2, 6, 128) and last.shape == (2, 1, 128)
-    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(after_last, after_full, rtol=0, atol=1e-5)
-    # A full prefill after a last-only one binds every position again.
-    decoder.start(2)
-    decoder.step(prompt, last_only=True)
-    decoder.start(2)
-    np.testing.assert_allclose(np.array(decoder.step(prompt)), full, rtol=0, atol=1e-6)
