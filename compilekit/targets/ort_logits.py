@@ -13,7 +13,9 @@ positions on the sequence axis before the product:
     logits = lm_head(h[:, -k:, :])      k = logits_to_keep; k = 0 keeps every position (-0: = 0:)
 
 Only ops that work position by position may sit between that product and the `logits` output (a cast, a
-softcap's Div / Tanh / Mul by constants), so slicing the product's input is slicing the logits. Fed nothing,
+softcap's Div / Tanh / Mul by constants), so slicing the product's input is slicing the logits. The product's
+rows must not depend on each other: an int8 lm_head with one dynamic scale over every row (DynamicQuantizeMatMul)
+is left alone, since its last row alone would be quantized differently. Fed nothing,
 the model computes exactly what it did before; every check and raw ONNX Runtime user sees the same graph
 contract. compilekit's own decoder feeds 1 on a prefill step (OrtDecoder.step(..., last_only=True)).
 """
@@ -24,9 +26,13 @@ from typing import Any
 
 LOGITS_TO_KEEP = "logits_to_keep"
 
-# Products whose input 0 is the activation, [batch, seq, K] for an lm_head, and whose rows are independent.
-_PRODUCTS = {("", "MatMul"), ("com.microsoft", "MatMulNBits"), ("com.microsoft", "DynamicQuantizeMatMul"),
-             ("com.microsoft", "MatMulIntegerToFloat"), ("com.microsoft", "FusedMatMul")}
+# Products whose input 0 is the activation, [batch, seq, K] for an lm_head, and whose rows are independent
+# (MatMulNBits quantizes int8 activations per row and block, so a row's result does not depend on the others).
+_PRODUCTS = {("", "MatMul"), ("com.microsoft", "MatMulNBits"), ("com.microsoft", "FusedMatMul")}
+# Products whose rows are not independent: one activation scale over every row (dynamic per-tensor int8), or
+# a per-row scale input that would have to be sliced with the rows.
+_SHARED_SCALE = {("com.microsoft", "DynamicQuantizeMatMul"), ("com.microsoft", "MatMulIntegerToFloat"),
+                 ("", "MatMulInteger")}
 _UNARY = {"Cast", "Tanh", "Identity"}
 _BY_CONSTANT = {"Add", "Sub", "Mul", "Div"}
 
@@ -41,31 +47,39 @@ def _is_small_constant(value) -> bool:
     return const is not None and len(const.shape) <= 1
 
 
-def _lm_head(logits) -> Any:
-    """The product node whose rows become `logits` through position-wise ops only, else None."""
+_NOT_A_PRODUCT = "the logits do not come from a product through position-wise ops"
+
+
+def _lm_head(logits) -> tuple[Any, str | None]:
+    """(the product node whose rows become `logits` through position-wise ops only, None), or (None, why not)."""
     value = logits
     while (node := value.producer()) is not None:
-        if (node.domain, node.op_type) in _PRODUCTS:
-            return node if len(node.inputs) >= 2 and node.inputs[0] is not None else None
+        kind = (node.domain, node.op_type)
+        if kind in _PRODUCTS:
+            return (node, None) if len(node.inputs) >= 2 and node.inputs[0] is not None else (None, _NOT_A_PRODUCT)
+        if kind in _SHARED_SCALE:
+            return None, (f"the lm_head ({node.op_type}) quantizes its input with a scale over every row: keeping "
+                          "fewer rows would change the kept rows' logits")
         if node.domain != "":
-            return None
+            return None, _NOT_A_PRODUCT
         if node.op_type in _UNARY and len(node.inputs) >= 1:
             value = node.inputs[0]
         elif node.op_type in _BY_CONSTANT and len(node.inputs) == 2:
             others = [i for i in node.inputs if not _is_small_constant(i)]
             if len(others) != 1:
-                return None
+                return None, _NOT_A_PRODUCT
             value = others[0]
         else:
-            return None
+            return None, _NOT_A_PRODUCT
         if len(value.uses()) != 1:  # the chain's values must feed the logits alone
-            return None
-    return None
+            return None, _NOT_A_PRODUCT
+    return None, _NOT_A_PRODUCT
 
 
 def add_logits_to_keep(model, logits_name: str = "logits") -> str | None:
     """Rewrite `model` (onnx_ir) in place as the module docstring says. Returns None when it was rewritten, else
-    the reason it was not (no `logits` output, no product before it, or an activation that is not 3-D)."""
+    the reason it was not (no `logits` output, no row-independent product before it, or an activation that is
+    not 3-D)."""
     import numpy as np
     import onnx_ir as ir
 
@@ -75,9 +89,9 @@ def add_logits_to_keep(model, logits_name: str = "logits") -> str | None:
         return f"no `{logits_name}` output"
     if any(v.name == LOGITS_TO_KEEP for v in graph.inputs):
         return "already has the input"
-    head = _lm_head(logits)
+    head, why_not = _lm_head(logits)
     if head is None:
-        return "the logits do not come from a product through position-wise ops"
+        return why_not
     activation = head.inputs[0]
     rank = len(activation.shape) if activation.shape is not None else len(logits.shape or ())
     if rank != 3:

@@ -17,23 +17,29 @@ H, V = 8, 12
 
 
 def _model(*, head: str = "softcap", rank: int = 3) -> onnx.ModelProto:
-    """x [b, s, H] -> MatMul W [H, V] -> (softcap: Div c, Tanh, Mul c | bias: Add b | softmax: Softmax) -> logits."""
+    """x [b, s, H] -> MatMul W [H, V] -> (softcap: Div c, Tanh, Mul c | bias: Add b | softmax: Softmax) -> logits,
+    or (dynamic_int8) x -> DynamicQuantizeMatMul -> logits."""
     rng = np.random.default_rng(0)
     shape = ["b", "s", H] if rank == 3 else ["n", H]
     inits = [numpy_helper.from_array(rng.standard_normal((H, V)).astype(np.float32), "W"),
              numpy_helper.from_array(np.array(3.0, np.float32), "cap"),
              numpy_helper.from_array(rng.standard_normal(V).astype(np.float32), "bias")]
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"])]
+    if head == "dynamic_int8":  # one activation scale over every row: rows are not independent
+        inits += [numpy_helper.from_array(rng.integers(-127, 128, (H, V)).astype(np.int8), "Wq"),
+                  numpy_helper.from_array(np.full(V, 0.01, np.float32), "Ws")]
+        nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "Wq", "Ws"], ["logits"], domain="com.microsoft")]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"])]
     if head == "softcap":
         nodes += [helper.make_node("Div", ["xw", "cap"], ["d"]), helper.make_node("Tanh", ["d"], ["t"]),
                   helper.make_node("Mul", ["t", "cap"], ["logits"])]
     elif head == "bias":
         nodes.append(helper.make_node("Add", ["bias", "xw"], ["logits"]))
-    else:
+    elif head == "softmax":
         nodes.append(helper.make_node("Softmax", ["xw"], ["logits"], axis=-1))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [*shape[:-1], V])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 9
     return model
 
@@ -68,6 +74,7 @@ def test_the_lm_head_input_is_sliced_and_the_default_keeps_everything(head):
 @pytest.mark.parametrize("head, rank, reason", [
     ("softmax", 3, "do not come from a product"),  # not one of the position-wise ops it looks through
     ("bias", 2, "rank 2"),
+    ("dynamic_int8", 3, "a scale over every row"),
 ])
 def test_graphs_it_cannot_slice_are_left_alone(head, rank, reason):
     model = ir.from_proto(_model(head=head, rank=rank))
