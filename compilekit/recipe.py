@@ -136,7 +136,9 @@ ModelSpec = Annotated[
 class DimSpec(_Model):
     min: int = Field(ge=0, description="Smallest size the compiled model accepts.")
     opt: int = Field(ge=0, description="The size to optimise for; latency is measured here by default.")
-    max: int = Field(ge=1, description="Largest size the compiled model accepts.")
+    max: int = Field(ge=1, description="Largest size the compiled model accepts. A token dim's max (plus the "
+                     "`past` max, with a KV cache) must fit the model's learned position table if it has one "
+                     "(BERT's max_position_embeddings, GPT-2's n_positions); compile says so before exporting.")
 
     @model_validator(mode="after")
     def _ordered(self) -> DimSpec:
