@@ -23,6 +23,10 @@ padded to the longest in each batch, max_length 128; cosine (per sentence, flatt
 last_hidden_state against eager, via compilekit.verify.accuracy.compare. "Equal accuracy" means
 cosine min >= 0.9999 for every row.
 
+Product floor: after timing each shape, ORT's profile of the compilekit model (its session options, same
+inputs) gives the time of its products alone (MatMul and the int8 / int4 forms). Nothing fused around them
+can go below that, so eager p50 / that time is the ceiling of any ORT build of these linears at that shape.
+
 --int8 (quantization): the compilekit row compiles recipes/minilm-l6-int8.yaml, a row `ort_quant_dynamic`
 (onnxruntime.quantization.quantize_dynamic on the plain ONNX, its defaults: int8 weights, per tensor) joins
 the peers, accuracy is measured on the recipe's own 256 checking sentences (held out from its calibration),
@@ -235,6 +239,40 @@ def ort_optimized_attention(path: Path, threads: int, disabled: list[str]) -> in
         return count_fused_attention(Path(so.optimized_model_filepath))
 
 
+# Products: what the linears become on ORT's CPU provider, fp32 and int8.
+PRODUCT_OPS = ("MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+               "MatMulInteger", "QGemm")
+
+
+def product_floor(path: Path, feed: Mapping[str, Any], threads: int, spinning: bool, disabled: list[str],
+                  denormal_as_zero: bool, runs: int = 30) -> tuple[float, float]:
+    """(ms per run in product kernels, ms per run in all kernels) of `path` at `feed`, from ORT's profile of a
+    session with compilekit's options. The products alone bound the build's latency from below: no fusion
+    of the other ops can go under it, so eager p50 / products is the most an ORT build of these linears can
+    reach at this shape."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if denormal_as_zero:
+            so.add_session_config_entry("session.set_denormal_as_zero", "1")
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "profile")
+        so.log_severity_level = 3
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=disabled)
+        feed = {i.name: feed[i.name] for i in session.get_inputs()}
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    products = sum(e["dur"] for e in kernels if e["args"].get("op_name") in PRODUCT_OPS)
+    return products / runs / 1000.0, sum(e["dur"] for e in kernels) / runs / 1000.0
+
+
 # ------------------------------------------------------------------------------------------- report
 
 def fmt_ratio(x: float | None) -> str:
@@ -429,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict[str, Any]] = []
         other_load: dict[str, float | None] = {}
         settles: dict[str, int] = {}
+        floors: dict[str, tuple[float, float]] = {}
         timing_texts = text_samples("pydoc", max(b for b, _ in shapes), seed=2)
         for b, s in shapes:
             t0 = time.perf_counter()
@@ -456,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             shape = f"{b}x{s}"
             other_load[shape] = other.cores
             settles[shape] = settle
+            floors[shape] = product_floor(ck_path, {k: v.numpy() for k, v in inputs.items()}, args.threads, spinning,
+                                          disabled["compilekit"], bool(ck_describe.get("denormal_as_zero")))
             best_peer = min(stats[n].p50_ms for n in rows_wanted if n != "compilekit")
             for n in rows_wanted:
                 st, acc = stats[n], accuracy[n]
@@ -487,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = [judge(f"{b}x{s}", rows, other_load.get(f"{b}x{s}")) for b, s in shapes]
     for _, line in verdicts:
         print(line)
+    for shape, (products, kernels) in floors.items():
+        eager = next(r["p50_ms"] for r in rows if r["shape"] == shape and r["row"] == "eager")
+        print(f"product floor {shape}: compilekit's {'/'.join(PRODUCT_OPS[:2])}-family kernels take {products:.2f} ms "
+              f"of {kernels:.2f} ms kernel time per run (ORT profile, its session options, run after the timing); "
+              f"eager p50 {eager:.2f} / {products:.2f} = {eager / products:.2f}x is the most any ORT build of these "
+              f"linears reaches at this shape, whatever else it fuses")
     total = time.perf_counter() - _START
     for shape, cores in other_load.items():
         if cores is None:
@@ -513,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
             "verdicts": {f"{b}x{s}": {"passed": ok, "line": line} for (b, s), (ok, line) in zip(shapes, verdicts)},
             "other_processes_cores_during_timing": other_load, "stages_s": stages, "total_s": round(total, 1),
+            "compilekit_product_floor_ms": {k: {"products": round(p, 3), "all_kernels": round(a, 3)}
+                                            for k, (p, a) in floors.items()},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2, default=float) + "\n")
