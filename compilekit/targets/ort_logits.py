@@ -41,10 +41,14 @@ def _is_small_constant(value) -> bool:
     """A constant that broadcasts along the vocabulary at most (a bias, a softcap): rank <= 1."""
     if value is None:
         return False
-    const = value.const_value
-    if const is None and value.producer() is not None and value.producer().op_type == "Constant":
-        const = value.producer().attributes["value"].as_tensor()
-    return const is not None and len(const.shape) <= 1
+    if value.const_value is not None:
+        return len(value.const_value.shape) <= 1
+    node = value.producer()
+    if node is None or node.op_type != "Constant":
+        return False
+    tensor = node.attributes.get("value")
+    # value_float / value_floats / value_int(s): a scalar or a vector
+    return len(tensor.as_tensor().shape) <= 1 if tensor is not None else True
 
 
 _NOT_A_PRODUCT = "the logits do not come from a product through position-wise ops"
@@ -56,10 +60,13 @@ def _lm_head(logits) -> tuple[Any, str | None]:
     while (node := value.producer()) is not None:
         kind = (node.domain, node.op_type)
         if kind in _PRODUCTS:
-            return (node, None) if len(node.inputs) >= 2 and node.inputs[0] is not None else (None, _NOT_A_PRODUCT)
+            activation = node.inputs[0] if len(node.inputs) >= 2 else None
+            if activation is None or activation.const_value is not None:  # the weight first: not rows of tokens
+                return None, _NOT_A_PRODUCT
+            return node, None
         if kind in _SHARED_SCALE:
-            return None, (f"the lm_head ({node.op_type}) quantizes its input with a scale over every row: keeping "
-                          "fewer rows would change the kept rows' logits")
+            return None, (f"the lm_head ({node.op_type}) quantizes its input at run time, with scales that slicing "
+                          "its input alone would change or leave unsliced")
         if node.domain != "":
             return None, _NOT_A_PRODUCT
         if node.op_type in _UNARY and len(node.inputs) >= 1:
