@@ -14,10 +14,11 @@ positions on the sequence axis before the product:
 
 Only ops that work position by position may sit between that product and the `logits` output (a cast, a
 softcap's Div / Tanh / Mul by constants), so slicing the product's input is slicing the logits. The product's
-rows must not depend on each other: an int8 lm_head with one dynamic scale over every row (DynamicQuantizeMatMul)
-is left alone, since its last row alone would be quantized differently. Fed nothing,
-the model computes exactly what it did before; every check and raw ONNX Runtime user sees the same graph
-contract. compilekit's own decoder feeds 1 on a prefill step (OrtDecoder.step(..., last_only=True)).
+rows must not depend on each other: an int8 lm_head with one dynamic scale over every row
+(DynamicQuantizeMatMul) is left alone, since its last row alone would be quantized differently.
+
+Fed nothing, the model computes exactly what it did before; every check and raw ONNX Runtime user sees the
+same graph contract. compilekit's own decoder feeds 1 on a prefill step (OrtDecoder.step(..., last_only=True)).
 """
 
 from __future__ import annotations
