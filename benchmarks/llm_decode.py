@@ -393,7 +393,7 @@ def child_compilekit(spec: dict[str, Any]) -> dict[str, Any]:
     result = timed_runs(spec, generate)
 
     def logits_for(ids):
-        gen.decoder.start(1)
+        gen.decoder.start(1, capacity=len(ids))
         return gen.decoder.step(np.asarray([ids], dtype=np.int64))[0]
 
     import numpy as np

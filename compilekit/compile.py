@@ -620,7 +620,7 @@ def _llm_checks(loaded: LoadedRecipe, model: LoadedModel, program: Program, runn
         windows = stream[: (len(stream) // pspec.length) * pspec.length].view(-1, pspec.length)
 
         def compiled_logits(ids: torch.Tensor) -> Any:
-            decoder.start(ids.shape[0])
+            decoder.start(ids.shape[0], capacity=ids.shape[1])
             return decoder.step(ids.numpy())
 
         def eager_logits(ids: torch.Tensor) -> Any:
@@ -739,6 +739,9 @@ def _measure_latency(loaded: LoadedRecipe, model: LoadedModel, adapter: ExportAd
     return latency, gates
 
 
+DECODE_TIMER_TOKENS = 256  # new tokens per timed generation: past + this many positions before a restart
+
+
 def _decode_step_timer(runner, layout: KVLayout, inputs: Batch) -> tuple[Callable[[], object], str]:
     """A one-token decode step as a runtime runs it: the runner's stateful decoder (IO binding, a shared
     static / paged buffer), over a cache prefilled to the latency shape's past length. Feeding the whole
@@ -750,10 +753,13 @@ def _decode_step_timer(runner, layout: KVLayout, inputs: Batch) -> tuple[Callabl
     decoder = runner.decoder(layout)
     prompt = np.random.default_rng(0).integers(0, 100, size=(batch, past), dtype=np.int64)
     step_ids = inputs["input_ids"].numpy()
-    limit = layout.max_len if layout.cache in ("static", "paged") else past + 4096
+    # As a generation of `past` prompt tokens and up to DECODE_TIMER_TOKENS new ones sizes its cache (a static
+    # buffer whose length the model leaves free is that long; otherwise max_len).
+    capacity = past + DECODE_TIMER_TOKENS
+    limit = min(capacity, layout.max_len) if layout.cache in ("static", "paged") else past + 4096
 
     def reset() -> None:
-        decoder.start(batch)
+        decoder.start(batch, capacity=capacity)
         if past:
             decoder.step(prompt)
 
@@ -764,8 +770,9 @@ def _decode_step_timer(runner, layout: KVLayout, inputs: Batch) -> tuple[Callabl
             reset()
         return decoder.step(step_ids)
 
-    return step, (f"; compiled timed as decode steps of the runtime decoder (IO binding, {layout.cache} cache) "
-                  f"starting at past {past}")
+    buffer = f", a buffer of {getattr(decoder, 'capacity', layout.max_len)} positions" if layout.cache == "static" else ""
+    return step, (f"; compiled timed as decode steps of the runtime decoder (IO binding, {layout.cache} cache"
+                  f"{buffer}) starting at past {past}")
 
 
 def inspect_recipe(loaded: LoadedRecipe, *, after: str | None = None, reporter: Reporter | None = None,

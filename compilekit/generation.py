@@ -25,7 +25,10 @@ TOKENIZER_DIR = "tokenizer"
 class Decoder(Protocol):
     layout: KVLayout
 
-    def start(self, batch: int) -> None: ...
+    def start(self, batch: int, capacity: int | None = None) -> None:
+        """A new generation of `batch` sequences that fills at most `capacity` positions (None: unknown); a
+        decoder may size its cache to that."""
+        ...
 
     def step(self, input_ids: np.ndarray, *, last_only: bool = False) -> np.ndarray:
         """Logits [B, S, V] of the step's tokens; with `last_only`, possibly only the last position's
@@ -47,8 +50,8 @@ class ProgramDecoder:
         self.past: dict[str, torch.Tensor] = {}
         self.position = 0
 
-    def start(self, batch: int) -> None:
-        shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
+    def start(self, batch: int, capacity: int | None = None) -> None:
+        shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)  # grows by concatenation: no capacity
         self.past = {name: torch.zeros(shape) for name in self.layout.past_names}
         self.position = 0
 
@@ -140,7 +143,7 @@ class Generator:
                                   hint="lower --max-new-tokens, or compile with a larger kv.layout max_len")
         rng = np.random.default_rng(seed)
         batch = ids.shape[0]
-        self.decoder.start(batch)
+        self.decoder.start(batch, capacity=ids.shape[1] + max_new_tokens)
         start = time.perf_counter()
         logits = self.decoder.step(ids, last_only=True)
         prefill = time.perf_counter() - start

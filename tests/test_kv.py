@@ -222,6 +222,39 @@ def test_static_cache_is_updated_in_place(decoder, tmp_path):
     assert decoder.cache_bytes == 4 * 1 * 2 * 64 * 16 * 4  # 2 layers x (k, v) x [1, 2, 64, 16] float32
 
 
+def test_static_cache_length_is_chosen_per_generation(decoder, tmp_path):
+    """The ORT build leaves a static cache's buffer length free (ort_kv_length): a generation's buffers hold
+    its own positions (capacity, at most max_len), with the same logits as max_len buffers."""
+    _model, _adapter, program = decoder
+    new = get_pass("kv.layout")({"cache": "static"})(program).program
+    target = OnnxRuntimeTarget({})
+    build = target.lower(new, tmp_path)
+    assert build.info["ort_fusions"].get("static_cache_length_free") == 4, build.info["ort_fusions"]
+    runner = target.load(tmp_path, threads=1)
+    layout = KVLayout.from_dict(new.kv_layout)
+    shapes = {i.name: i.shape for i in runner.session.get_inputs()}
+    assert shapes["past_key_values.0.key"][2] == "kv_length" and shapes["past_key_values.1.value"][1:] == [2, "kv_length", 16]
+    assert {o.name: o.shape for o in runner.session.get_outputs()}["present.1.key"][2] == "kv_length"
+    prompt, steps = np.array([[5, 17, 42, 99, 3, 7], [1, 2, 3, 4, 5, 6]]), [np.array([[9], [10]]), np.array([[11], [12]])]
+    full, small = runner.decoder(layout), runner.decoder(layout)
+    full.start(2)
+    small.start(2, capacity=8)
+    assert full.capacity == 64 and small.capacity == 8
+    assert [v.shape() for v in small.past] == [[2, 2, 8, 16]] * 4 and small.cache_bytes * 8 == full.cache_bytes
+    for ids in (prompt, *steps):
+        np.testing.assert_allclose(np.array(small.step(ids)), np.array(full.step(ids)), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"past the static cache \(8 positions\)"):
+        small.step(np.array([[1], [2]]))
+    small.start(1, capacity=1000)  # never more than the compiled max_len
+    assert small.capacity == 64
+    # The generator sizes the buffers to prompt + new tokens.
+    result = Generator(runner.decoder(layout)).generate(torch.tensor(prompt), max_new_tokens=5)
+    assert result.kv_cache_bytes == 4 * 2 * 2 * 11 * 16 * 4  # 2 layers x (k, v) x [2, 2, 6 + 5, 16] float32
+    # A concat cache has no buffer to size.
+    concat = get_pass("kv.layout")({"cache": "concat"})(program).program
+    assert "static_cache_length_free" not in target.lower(concat, tmp_path / "concat").info["ort_fusions"]
+
+
 @pytest.mark.parametrize("cache", ["static", "concat"])
 def test_prefill_can_compute_the_last_logits_only(decoder, cache, tmp_path):
     """The ORT build's logits_to_keep input (ort_logits): a last-only prefill gives the full prefill's last row

@@ -19,6 +19,7 @@ from . import BuildResult, Runner, Target, TargetOptions
 from .onnx import lower_to_onnx, lowest_ir_version
 from .ort_attention import contrib_attention_as_standard, ort_has_standard_attention
 from .ort_int8 import int8_weights_as_uint8, resolve_int8_weights
+from .ort_kv_length import free_static_cache_length
 from .ort_logits import LOGITS_TO_KEEP, add_logits_to_keep
 from .ort_residual import fold_residual_bias
 
@@ -237,14 +238,25 @@ class OrtDecoder:
         # An input with a default (ort_logits): a prefill can ask for the last position's logits only.
         self.can_keep_last = LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
         self.vocab_size = int(next(o for o in session.get_outputs() if o.name == LOGITS).shape[-1])
+        # A static buffer whose length the model leaves free (ort_kv_length) can be sized per generation.
+        past = next((i for i in session.get_inputs() if i.name == layout.past_names[0]), None) if layout.past_names else None
+        self.free_length = layout.cache == "static" and past is not None and \
+            not isinstance(past.shape[layout.seq_axis], int)
+        self.capacity = layout.max_len or 0
         self.io = None
         self.logits: np.ndarray | None = None
 
-    def start(self, batch: int) -> None:
+    def start(self, batch: int, capacity: int | None = None) -> None:
+        """A new generation of `batch` sequences. `capacity`: the positions it will fill at most (prompt + new
+        tokens); a static cache whose model leaves its length free gets buffers of that many positions (up to
+        `max_len`) instead of `max_len`: less memory, and faster steps (ort_kv_length)."""
         import onnxruntime as ort
 
         lay = self.layout
-        length = lay.max_len if lay.cache == "static" else 0
+        self.capacity = lay.max_len or 0
+        if self.free_length and capacity:
+            self.capacity = max(1, min(self.capacity, int(capacity)))
+        length = self.capacity if lay.cache == "static" else 0
         dtype = {"float16": np.float16, "int8": np.int8}.get(lay.dtype, np.float32)
         shape = lay.pool_shape() if lay.cache == "paged" else lay.shape(batch, length)
         self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype)) for _ in lay.past_names]
@@ -272,8 +284,8 @@ class OrtDecoder:
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = ids.shape
         keep = 1 if last_only and s > 1 and self.can_keep_last else 0  # 0: every position
-        if lay.cache in ("static", "paged") and self.position + s > (lay.max_len or 0):
-            raise ValueError(f"position {self.position + s} is past the static cache ({lay.max_len} positions)")
+        if lay.cache in ("static", "paged") and self.position + s > self.capacity:
+            raise ValueError(f"position {self.position + s} is past the {lay.cache} cache ({self.capacity} positions)")
         positions = np.arange(self.position, self.position + s, dtype=np.int64)
         if self.io is not None:
             # Inputs and logits live in numpy arrays bound once per step shape (every decode step has the
@@ -344,7 +356,7 @@ class OnnxRuntimeTarget(Target):
         else:
             int8_weights = _int8_weights_of(program, self.options)
             if self.options.ort_fusions or self.options.skip_layer_norm == "split" or int8_weights == "uint8" \
-                    or _has_int8_compute_offsets(program):
+                    or _has_int8_compute_offsets(program) or program.kv_layout:
                 log("ONNX-level fusions for ONNX Runtime")
                 fusions, dropped = self._fuse_or_keep(path, files, program, int8_weights)
                 if dropped:
@@ -378,7 +390,7 @@ class OnnxRuntimeTarget(Target):
             shutil.rmtree(side, ignore_errors=True)
             side.mkdir()
             counts, fused = _fuse_for_ort(path, files, self.options, side / path.name, int8_weights=int8_weights,
-                                          fusions=fusions, decoder=bool(program.kv_layout))
+                                          fusions=fusions, kv_layout=program.kv_layout)
             # uint8 weights make the fused model exact where the plain one may saturate: judge both by the program.
             _same_outputs(OnnxRuntimeRunner(path, self.options, threads=1),
                           OnnxRuntimeRunner(side / path.name, self.options, threads=1), program,
@@ -523,11 +535,12 @@ def _int8_weights_of(program: Program, options: OnnxRuntimeOptions) -> str | Non
 
 def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions, out: Path, *,
                   int8_weights: str | None = None, fusions: bool = True,
-                  decoder: bool = False) -> tuple[dict[str, int], list[Path]]:
+                  kv_layout: dict[str, Any] | None = None) -> tuple[dict[str, int], list[Path]]:
     """ONNX-level rewrites for ONNX Runtime of `path`, written to `out` (and its external data file).
     `fusions`: the optional rewrites the options ask for; `int8_weights == "uint8"`: int8 MatMul weights to
-    uint8 (exact on every CPU; ort_int8), done either way; `decoder` (a KV-cache program): the `logits_to_keep`
-    input (ort_logits), either way. Returns the fusions that fired and the files written."""
+    uint8 (exact on every CPU; ort_int8), done either way; `kv_layout` (a KV-cache program's): the `logits_to_keep`
+    input (ort_logits) and a static cache's free buffer length (ort_kv_length), either way. Returns the fusions
+    that fired and the files written."""
     import onnx_ir as ir
 
     model = ir.load(str(path))
@@ -588,7 +601,7 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions, ou
         folded = fold_residual_bias(model)
         if folded:
             counts["residual_bias_folded"] = folded
-    if decoder:
+    if kv_layout:
         not_added = add_logits_to_keep(model)
         if not_added is None:
             counts["logits_to_keep_input"] = 1
@@ -601,6 +614,9 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions, ou
     for value in (*model.graph.inputs, *model.graph.outputs):
         if value.name in signature:
             value.shape = signature[value.name]
+    if kv_layout and kv_layout.get("cache") == "static":  # after the signature's shapes are back
+        renamed, why_not = free_static_cache_length(model, kv_layout)
+        counts["static_cache_length_free" if renamed else f"static_cache_length_fixed ({why_not})"] = renamed or 1
     model.ir_version = lowest_ir_version(model)
     written = [out]
     if len(files) > 1:
