@@ -249,7 +249,7 @@ class OrtDecoder:
     def start(self, batch: int, capacity: int | None = None) -> None:
         """A new generation of `batch` sequences. `capacity`: the positions it will fill at most (prompt + new
         tokens); a static cache whose model leaves its length free gets buffers of that many positions (up to
-        `max_len`) instead of `max_len`: less memory, and faster steps (ort_kv_length)."""
+        `max_len`) instead of `max_len`, the same values in less memory (ort_kv_length)."""
         import onnxruntime as ort
 
         lay = self.layout

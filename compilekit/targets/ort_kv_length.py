@@ -2,10 +2,11 @@
 
 A `static` cache (kvcache.KVLayout) is a preallocated buffer of `max_len` positions per sequence, written in
 place. Lowered for ORT, each layer's buffer is read by one GroupQueryAttention (past_key / past_value, shared
-with its present output) and by nothing else. That op takes the buffer length from the tensor it is given,
-and its CPU kernel does work in proportion to that length, not to the positions filled: 30 GQA decode steps
-over 128 cached tokens (SmolLM2-135M's shape, 2 threads, ORT 1.32) took 1.9 ms with 1024-position buffers
-against 1.2 ms with 192-position ones. A generation of P prompt and N new tokens needs P + N positions.
+with its present output) and by nothing else, and that op takes the buffer length from the tensor it is
+given. A generation of P prompt and N new tokens needs P + N positions, not `max_len`: SmolLM2-135M with
+max_len 1024 held 45 MB of cache for 128 + 64 tokens, where 8.4 MB do (onnxruntime-genai sizes its buffer
+the same way). The step time does not depend on the buffer length (measured: 30 GQA decode steps over 128
+cached tokens, 2 threads, ORT 1.32, 0.87-1.14 ms with 192 positions and 0.92-1.14 ms with 1024, interleaved).
 
 So where every reader of a past input is a GroupQueryAttention (as its past) or a Shape that reads the batch
 dim only, the rewrite names that input's length dim `kv_length` (and the present output's), instead of the
