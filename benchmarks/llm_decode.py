@@ -62,6 +62,9 @@ GENAI_INT4 = "onnxruntime-genai-int4"
 LLAMACPP = "llama.cpp"
 PEERS = (HF_EAGER, GENAI, GENAI_INT4, LLAMACPP)
 PPL_LENGTH = 256
+# The issue's bars: compilekit's decode tok/s >= 4x HF eager, and >= 1.10x the fastest peer whose perplexity is
+# equal or better (within PPL_EQUAL of compilekit's, relative: windows of 256 tokens give ~0.1% noise).
+EAGER_SPEEDUP, PEER_MARGIN, PPL_EQUAL = 4.0, 1.10, 0.01
 RESULT_TAG = "RESULT "
 DISTURBED_CORES = 0.10  # other processes' average CPU use during timing above which a row is suspect
 HF_FOLDER = "smollm2-135m-instruct-fp32-hf"
@@ -503,6 +506,42 @@ def fmt(value: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def verdicts(results: list[dict[str, Any]], compilekit_rows: list[str]) -> list[str]:
+    """A VERDICT line per compilekit row and batch: its decode speed against HF eager and against the fastest
+    peer row (onnxruntime-genai, llama.cpp) of equal or better perplexity, when perplexity was measured."""
+    lines = []
+    for r in results:
+        if r["row"] not in compilekit_rows:
+            continue
+        same_batch = [p for p in results if p["batch"] == r["batch"] and p["row"] not in compilekit_rows]
+        eager = next((p for p in same_batch if p["row"] == HF_EAGER), None)
+        peers = [p for p in same_batch if p["row"] != HF_EAGER]
+        parts, passed = [], True
+        if eager:
+            ratio = r["decode_tok_s"] / eager["decode_tok_s"]
+            passed &= ratio >= EAGER_SPEEDUP
+            parts.append(f"{ratio:.2f}x HF eager (need >= {EAGER_SPEEDUP}x)")
+        ppl = r.get("perplexity")
+        if ppl is None:
+            parts.append("perplexity not measured (--perplexity W): every peer counts as equal")
+            equal = peers
+        else:
+            equal = [p for p in peers if p.get("perplexity") is not None and p["perplexity"] <= ppl * (1 + PPL_EQUAL)]
+            worse = [f"{p['row']} {p['perplexity']:.3f}" for p in peers if p not in equal and p.get("perplexity")]
+            if worse:
+                parts.append(f"left out at worse perplexity than {ppl:.3f} (+{PPL_EQUAL:.0%}): {', '.join(worse)}")
+        if equal:
+            best = max(equal, key=lambda p: p["decode_tok_s"])
+            ratio = r["decode_tok_s"] / best["decode_tok_s"]
+            passed &= ratio >= PEER_MARGIN
+            parts.append(f"{ratio:.2f}x {best['row']} (need >= {PEER_MARGIN}x)")
+        elif peers:
+            parts.append("no peer row at equal or better perplexity")
+        lines.append(f"VERDICT {r['row']} batch {r['batch']}: {'PASS' if passed else 'FAIL'} - "
+                     f"{r['decode_tok_s']:.1f} tok/s; " + "; ".join(parts))
+    return lines
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and ORT intra-op threads")
@@ -657,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
               f"| {fmt(r['peak_rss_mb'], 0)} | {fmt(kv / 2**20 if kv is not None else None)} | {same} "
               f"| {fmt(r.get('perplexity'), 3)} | {fmt(r['other_load_cores'], 2)} |")
     print()
+    for line in verdicts(results, list(artifacts)):
+        print(line)
     disturbed = [f"{r['row']} batch {r['batch']}" for r in results if (r["other_load_cores"] or 0) > DISTURBED_CORES]
     if disturbed:
         notes.append(f"WARNING: other processes used > {DISTURBED_CORES} cores while timing {', '.join(disturbed)}: "
