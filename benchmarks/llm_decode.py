@@ -530,6 +530,9 @@ def verdicts(results: list[dict[str, Any]], compilekit_rows: list[str]) -> list[
             worse = [f"{p['row']} {p['perplexity']:.3f}" for p in peers if p not in equal and p.get("perplexity")]
             if worse:
                 parts.append(f"left out at worse perplexity than {ppl:.3f} (+{PPL_EQUAL:.0%}): {', '.join(worse)}")
+            unmeasured = [p["row"] for p in peers if p.get("perplexity") is None]
+            if unmeasured:
+                parts.append(f"left out, perplexity not measured: {', '.join(unmeasured)}")
         if equal:
             best = max(equal, key=lambda p: p["decode_tok_s"])
             ratio = r["decode_tok_s"] / best["decode_tok_s"]
