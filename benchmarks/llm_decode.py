@@ -526,13 +526,14 @@ def verdicts(results: list[dict[str, Any]], compilekit_rows: list[str]) -> list[
             parts.append("perplexity not measured (--perplexity W): every peer counts as equal")
             equal = peers
         else:
-            equal = [p for p in peers if p.get("perplexity") is not None and p["perplexity"] <= ppl * (1 + PPL_EQUAL)]
-            worse = [f"{p['row']} {p['perplexity']:.3f}" for p in peers if p not in equal and p.get("perplexity")]
+            # A peer whose perplexity is unknown counts as equal: the comparison must not get easier for lack of it.
+            equal = [p for p in peers if p.get("perplexity") is None or p["perplexity"] <= ppl * (1 + PPL_EQUAL)]
+            worse = [f"{p['row']} {p['perplexity']:.3f}" for p in peers if p not in equal]
             if worse:
                 parts.append(f"left out at worse perplexity than {ppl:.3f} (+{PPL_EQUAL:.0%}): {', '.join(worse)}")
             unmeasured = [p["row"] for p in peers if p.get("perplexity") is None]
             if unmeasured:
-                parts.append(f"left out, perplexity not measured: {', '.join(unmeasured)}")
+                parts.append(f"perplexity not measured, counted as equal: {', '.join(unmeasured)}")
         if equal:
             best = max(equal, key=lambda p: p["decode_tok_s"])
             ratio = r["decode_tok_s"] / best["decode_tok_s"]
