@@ -45,6 +45,12 @@ class OnnxRuntimeOptions(TargetOptions):
     pack_matmuls: bool = Field(
         True, description="Merge MatMuls that read the same input with constant weights (q/k/v projections, MLP "
         "gate/up) into one MatMul + Split: at decode each GEMV is also a thread fork/join.")
+    nbits8: Literal["auto", "native", "nibble_pairs"] = Field(
+        "auto", description="How 8-bit MatMulNBits (an 8-bit lm_head) runs. native: as written; nibble_pairs: as "
+        "one exact 4-bit MatMulNBits over Concat(x, x); auto: native at accuracy_level 4 (int8 compute), nibble "
+        "pairs below it. Measured on SmolLM2's 8-bit lm_head (576 x 49152, one row, out of cache, 2 threads, AMX "
+        "Xeon): level 4 native 0.9-1.7 ms against 2.2-2.5 ms for pairs (decode steps 5-7% faster); level 0 "
+        "native 157 ms (ORT's fallback) against 4.7 ms.")
     flavor: Literal["onnxruntime", "tensorrt"] = Field(
         "onnxruntime", description="Which translation of compilekit's ops to lower with. tensorrt: the standard "
         "ONNX (+ Q/DQ) TensorRT's parser takes, run here by ONNX Runtime, which checks the graph a TensorRT build "
@@ -584,7 +590,8 @@ def _fuse_for_ort(path: Path, files: list[Path], options: OnnxRuntimeOptions, ou
         counts["nbits_offsets_from_quantized_sums"] = quantized_sums
     if float_sums:
         counts["nbits_offsets_left_on_float_sums (form not recognised)"] = float_sums
-    nibble_pairs, nibble_gathers = _nbits8_as_nibble_pairs(model) if fusions else (0, 0)
+    pair_levels = {"auto": {0, 1, 2, 3}, "native": set(), "nibble_pairs": {0, 1, 2, 3, 4}}[options.nbits8]
+    nibble_pairs, nibble_gathers = _nbits8_as_nibble_pairs(model, pair_levels) if fusions else (0, 0)
     if nibble_pairs:
         counts["nbits8_as_nibble_pairs"] = nibble_pairs
     if nibble_gathers:
@@ -914,13 +921,17 @@ def _offsets_from_quantized_sums(model) -> tuple[int, int]:
     return rewritten, left
 
 
-def _nbits8_as_nibble_pairs(model) -> tuple[int, int]:
-    """Rewrite each 8-bit MatMulNBits (constant weights, default zero point 128, K a whole number of blocks) as
-    one 4-bit MatMulNBits over Concat(x, x): an 8-bit level u = 16 a + b gives w = s (u - 128) =
-    16 s (a - 8) + s (b - 0), so the first K rows hold the high nibbles a (scale 16 s, zero point 8) and the
-    next K the low nibbles b (scale s, zero point 0). Exact, also at accuracy_level 4: both copies of x fall in
-    the same int8 blocks. Measured here on SmolLM2's 8-bit lm_head (K x N = 576 x 49152, one row): 4-bit
-    0.27 ms at level 4, 8-bit 1.05 ms; at levels 0-3 8-bit takes ~100 ms (a fallback) and 4-bit 0.8 ms.
+def _nbits8_as_nibble_pairs(model, levels: set[int] = frozenset({0, 1, 2, 3, 4})) -> tuple[int, int]:
+    """Rewrite each 8-bit MatMulNBits (constant weights, default zero point 128, K a whole number of blocks) at
+    an accuracy_level in `levels` as one 4-bit MatMulNBits over Concat(x, x): an 8-bit level u = 16 a + b gives
+    w = s (u - 128) = 16 s (a - 8) + s (b - 0), so the first K rows hold the high nibbles a (scale 16 s, zero
+    point 8) and the next K the low nibbles b (scale s, zero point 0). Exact, also at accuracy_level 4: both
+    copies of x fall in the same int8 blocks.
+    Measured on SmolLM2's 8-bit lm_head (K x N = 576 x 49152, one row, 2 threads): at levels 0-3 8-bit is
+    ORT's fallback (157 ms out of cache on an AMX Xeon, ~100 ms on an EPYC) against 4.7 / 0.8 ms for the pairs,
+    so those levels always get pairs (OnnxRuntimeOptions.nbits8). At level 4, in cache on the EPYC, pairs were
+    0.27 ms against 1.05; out of cache on the Xeon, as in a model, 8-bit is faster (0.9-1.7 ms against
+    2.2-2.5, and decode steps 5-7% faster): it reads 31.5 MB against the pairs' 36 (twice the scales).
     A Gather of the same 8-bit table (a tied embedding) then reads the nibble pairs too, so the file holds
     the table once. Returns (nodes rewritten, gathers moved to the nibble pairs)."""
     import numpy as np
@@ -937,7 +948,8 @@ def _nbits8_as_nibble_pairs(model) -> tuple[int, int]:
         flat_scales = _flat_const(scales)
         k, n, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("block_size", 0)
         if attrs.get("bits") != 8 or b is None or b.const_value is None or flat_scales is None or \
-                zero_points is not None or g_idx is not None or not block or k % block:
+                zero_points is not None or g_idx is not None or not block or k % block or \
+                attrs.get("accuracy_level", 0) not in levels:
             continue
         q = b.const_value.numpy().reshape(n, k // block, block)
         high, low = q >> 4, q & 15

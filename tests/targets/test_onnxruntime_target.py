@@ -233,6 +233,25 @@ def test_8bit_matmul_nbits_with_zero_points_or_a_partial_block_is_left_alone():
         assert [node.op_type for node in model.graph] == ["MatMulNBits"]
 
 
+@pytest.mark.parametrize(("nbits8", "level", "paired"), [("auto", 4, False), ("auto", 0, True), ("native", 0, False),
+                                                    ("nibble_pairs", 4, True)])
+def test_the_nbits8_option_picks_which_8bit_matmul_nbits_become_nibble_pairs(nbits8, level, paired, tmp_path):
+    """auto: level 4 (int8 compute) stays 8-bit, the form measured faster out of cache; levels 0-3 become
+    pairs (ORT's 8-bit kernel there is a fallback, ~30x slower). The ONNX Runtime fusion path applies it."""
+    import onnx
+
+    from compilekit.targets.onnxruntime import OnnxRuntimeOptions, _fuse_for_ort
+
+    src = tmp_path / "model.onnx"
+    onnx.save(_nbits8_model(96, 40, level), src)
+    options = OnnxRuntimeOptions(nbits8=nbits8, ort_fusions=False, pack_matmuls=False)
+    counts, _ = _fuse_for_ort(src, [src], options, tmp_path / "out.onnx")
+    assert counts.get("nbits8_as_nibble_pairs", 0) == int(paired), counts
+    ops = [(n.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})
+           for n in onnx.load(tmp_path / "out.onnx").graph.node]
+    assert ops[-1][0] == "MatMulNBits" and ops[-1][1]["bits"] == (4 if paired else 8)
+
+
 @pytest.mark.parametrize("ids_shape", [(5,), (2, 3)])
 def test_a_tied_embedding_gather_reads_the_nibble_pairs_and_the_8bit_table_leaves(ids_shape):
     """The Gather of the lm_head's 8-bit table (a tied embedding) rebuilds its rows from the nibble pairs:
