@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -921,17 +921,18 @@ def _offsets_from_quantized_sums(model) -> tuple[int, int]:
     return rewritten, left
 
 
-def _nbits8_as_nibble_pairs(model, levels: set[int] = frozenset({0, 1, 2, 3, 4})) -> tuple[int, int]:
+def _nbits8_as_nibble_pairs(model, levels: Collection[int] = (0, 1, 2, 3, 4)) -> tuple[int, int]:
     """Rewrite each 8-bit MatMulNBits (constant weights, default zero point 128, K a whole number of blocks) at
     an accuracy_level in `levels` as one 4-bit MatMulNBits over Concat(x, x): an 8-bit level u = 16 a + b gives
     w = s (u - 128) = 16 s (a - 8) + s (b - 0), so the first K rows hold the high nibbles a (scale 16 s, zero
     point 8) and the next K the low nibbles b (scale s, zero point 0). Exact, also at accuracy_level 4: both
     copies of x fall in the same int8 blocks.
     Measured on SmolLM2's 8-bit lm_head (K x N = 576 x 49152, one row, 2 threads): at levels 0-3 8-bit is
-    ORT's fallback (157 ms out of cache on an AMX Xeon, ~100 ms on an EPYC) against 4.7 / 0.8 ms for the pairs,
-    so those levels always get pairs (OnnxRuntimeOptions.nbits8). At level 4, in cache on the EPYC, pairs were
-    0.27 ms against 1.05; out of cache on the Xeon, as in a model, 8-bit is faster (0.9-1.7 ms against
-    2.2-2.5, and decode steps 5-7% faster): it reads 31.5 MB against the pairs' 36 (twice the scales).
+    ORT's fallback (157 ms out of cache on an AMX Xeon; ~100 ms in an earlier stop's in-cache loop) against
+    4.7 / 0.8 ms for the pairs, so those levels always get pairs (OnnxRuntimeOptions.nbits8). At level 4 that
+    in-cache loop gave pairs 0.27 ms against 1.05; out of cache on the Xeon, as in a model, 8-bit is faster
+    (0.9-1.7 ms against 2.2-2.5, and decode steps 5-7% faster): it reads 31.5 MB against the pairs' 36 (twice
+    the scales).
     A Gather of the same 8-bit table (a tied embedding) then reads the nibble pairs too, so the file holds
     the table once. Returns (nodes rewritten, gathers moved to the nibble pairs)."""
     import numpy as np
