@@ -1,5 +1,5 @@
 """Calibration on the IR, in PyTorch: run the program on calibration batches and observe chosen nodes'
-inputs. No backend is involved, so the same statistics serve every target.
+values (a linear's input). No backend is involved, so the same statistics serve every target.
 
 Also builds calibration batches from the recipe's `calibration` section: real text (never the checking
 samples), generated inputs, or a file of tensors.
@@ -50,30 +50,17 @@ def watch_outputs(program: Program, batches: Sequence[Batch], watchers: Mapping[
                 progress(i + 1, len(batches))
 
 
-def observe_inputs(program: Program, batches: Sequence[Batch], nodes: Iterable[str], *, observer: str = "minmax",
-                   keep_rows: int = 0, argument: int = 0, progress: Callable[[int, int], None] | None = None,
+def observe_values(program: Program, batches: Sequence[Batch], values: Iterable[str], *, observer: str = "minmax",
+                   keep_rows: int = 0, progress: Callable[[int, int], None] | None = None,
                    **observer_options: Any) -> dict[str, MinMaxObserver]:
-    """Run `program` on `batches` and observe argument `argument` of each named node (names as in
-    `program.graph`). `keep_rows` > 0 also keeps that many rows of the input (evenly drawn) per node, for
-    algorithms that search on real activations (AWQ)."""
+    """Run `program` on `batches` and observe the outputs of the named nodes (names as in `program.graph`).
+    `keep_rows` > 0 also keeps that many rows of each (evenly drawn), for algorithms that search on real
+    activations (AWQ)."""
     cls = OBSERVERS[observer]
-    observers = {name: cls(**observer_options) for name in nodes}
+    observers = {name: cls(**observer_options) for name in values}
     for o in observers.values():
         o.keep_rows = keep_rows
-    by_name = {n.name: n for n in program.graph.nodes}
-    readers: dict[str, list[MinMaxObserver]] = {}
-    for name, o in observers.items():
-        if name not in by_name or not isinstance(by_name[name].args[argument], torch.fx.Node):
-            raise RuntimeError(f"calibration cannot observe argument {argument} of node {name!r}")
-        readers.setdefault(by_name[name].args[argument].name, []).append(o)
-
-    def watcher(group: list[MinMaxObserver]) -> Callable[[torch.Tensor], None]:
-        def update(value: torch.Tensor) -> None:
-            for o in group:
-                o.update(value)
-        return update
-
-    watch_outputs(program, batches, {name: watcher(group) for name, group in readers.items()}, progress)
+    watch_outputs(program, batches, {name: o.update for name, o in observers.items()}, progress)
     return observers
 
 

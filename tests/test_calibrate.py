@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from compilekit.calibrate import load_tensor_batches, observe_inputs
+from compilekit.calibrate import load_tensor_batches, observe_values
 from compilekit.compile import Reporter, _calibration_batches, compile_recipe
 from compilekit.errors import InputShapeError, RecipeError
 from compilekit.inputs import make_inputs
@@ -19,7 +19,8 @@ def test_observed_linear_inputs_equal_the_eager_activations(bert):
     gen = torch.Generator().manual_seed(3)
     batches = [make_inputs(bert.inputs, {"batch": 2, "seq": 8}, vocab_size=128, generator=gen) for _ in range(2)]
     first = next(n for n in bert.program.graph.nodes if n.target is torch.ops.aten.linear.default)
-    observed = observe_inputs(bert.program, batches, [first.name], keep_rows=5)[first.name]
+    x = first.args[0].name
+    observed = observe_values(bert.program, batches, [x], keep_rows=5)[x]
     seen: list[torch.Tensor] = []
     query = bert.loaded.module.encoder.layer[0].attention.self.query
     handle = query.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from compilekit.calibrate import observe_inputs
+from compilekit.calibrate import observe_values
 from compilekit.errors import RecipeError
 from compilekit.ir import Program, WeightEdit
 from compilekit.pipeline import Pass, PassOptions, PassResult
@@ -43,14 +43,14 @@ class QuantizePass(Pass):
         raise NotImplementedError
 
     def observe(self, program: Program, nodes: list[str], **options: Any) -> dict:
-        """Calibration statistics of `nodes`' inputs (calibrate.observe_inputs), kept for the last program and
-        options: `skip: auto` quantizes the same program once per candidate, and calibrates once. The
-        program is held, so its identity cannot be reused by another."""
+        """Calibration statistics of the named nodes' outputs (calibrate.observe_values; `Linear.observed`),
+        kept for the last program and options: `skip: auto` quantizes the same program once per candidate, and
+        calibrates once. The program is held, so its identity cannot be reused by another."""
         key = tuple(sorted(options.items()))
         cached = getattr(self, "_observed", None)
         if cached is None or cached[0] is not program or cached[1] != key or not set(nodes) <= set(cached[2]):
             batches = self.context.calibration_batches(program, self.name)
-            cached = (program, key, observe_inputs(program, batches, nodes, **options))
+            cached = (program, key, observe_values(program, batches, nodes, **options))
             self._observed = cached
         return cached[2]
 

@@ -4,6 +4,7 @@ skip rules, and the summary of what was quantized and what was not."""
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,12 @@ class Linear:
     bias: torch.fx.Node | None
     x: torch.fx.Node
     is_lm_head: bool = False
+    # The node whose output is this linear's input in the program being quantized (calibration observes it
+    # there): `x` itself may later become a smoothing multiply, and a rewritten addmm has a new node.
+    observed: str = ""
+
+    def __post_init__(self) -> None:
+        self.observed = self.observed or self.x.name
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -44,10 +51,54 @@ def module_name(node: torch.fx.Node) -> str:
     return path.removeprefix(_ADAPTER_PREFIX)
 
 
+def _stored(edit: WeightEdit, node: Any, dims: int) -> torch.Tensor | None:
+    value = edit.value(node) if isinstance(node, torch.fx.Node) else None
+    return value if value is not None and value.dim() == dims else None
+
+
+_WEIGHT_SOURCE = "compilekit_weight_source"  # a rewritten product's original weight (its name in the state dict)
+
+
+def linears_from_matmuls(edit: WeightEdit, graph: torch.fx.Graph) -> dict[str, str]:
+    """Rewrite the matrix products over a stored [K, N] weight as `aten.linear` over its transpose, so the
+    passes find them: `addmm(bias, x, W)` (GPT-2's Conv1D), `mm(x, W)` and `matmul(x, W)` (`x @ W` in a
+    module). The same numbers; the weight is stored transposed once. Returns, for the products that have a
+    stored weight but are left alone (named by that weight), why."""
+    left: dict[str, str] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.addmm.default, aten.mm.default, aten.matmul.default):
+            continue
+        if node.target is aten.addmm.default:
+            bias, x, w = node.args[:3]
+        else:
+            (x, w), bias = node.args[:2], None
+        weight = _stored(edit, w, 2)
+        if weight is None:
+            continue  # a product of two activations (attention's scores), not a linear
+        name = (edit.target(w) or module_name(node)).removeprefix(_ADAPTER_PREFIX).removesuffix(".weight")
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or len(node.args) > 3:
+            left[name] = f"{node.target.overloadpacket.__name__} with alpha / beta other than 1"
+            continue
+        if bias is not None and _stored(edit, bias, 1) is None:
+            left[name] = "bias is computed or not one value per output, not a stored weight"
+            continue
+        transposed = edit.add(f"{name}.weight_t", weight.t().contiguous())
+        with graph.inserting_before(node):
+            linear = graph.call_function(aten.linear.default, (x, transposed, bias))
+        linear.meta.update({k: node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in node.meta})
+        linear.meta[_WEIGHT_SOURCE] = edit.target(w)
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+    return left
+
+
 def find_linears(edit: WeightEdit, graph: torch.fx.Graph) -> tuple[list[Linear], dict[str, str]]:
     """Every `aten.linear` whose weight is a lifted weight, and the reason for each that is not. A linear named
-    lm_head / embed_out, or whose weight is an embedding table (tied), is marked as the output projection."""
-    found, missed = [], {}
+    lm_head / embed_out, or whose weight is an embedding table (tied), is marked as the output projection.
+    Products over stored weights (addmm / mm / matmul) become linears first (linears_from_matmuls): `graph`
+    must be a copy the caller may edit."""
+    missed = linears_from_matmuls(edit, graph)
+    found = []
     # An output projection is named so, or shares its weight with an embedding table (tied).
     embedding_tables = {id(edit.value(n.args[0])) for n in graph.nodes
                         if n.op == "call_function" and n.target is aten.embedding.default and edit.value(n.args[0]) is not None}
@@ -67,7 +118,24 @@ def find_linears(edit: WeightEdit, graph: torch.fx.Graph) -> tuple[list[Linear],
         leaf = name.rsplit(".", 1)[-1]
         is_head = leaf in ("lm_head", "embed_out") or id(weight) in embedding_tables
         found.append(Linear(node, name, weight, bias, x, is_head))
+    _unique_names(edit, found)
     return found, missed
+
+
+def _unique_names(edit: WeightEdit, linears: Sequence[Linear]) -> None:
+    """A module that runs several products (`x @ self.wq`, `x @ self.wk` in one forward) gives them one module
+    name; the passes key layers by name, so those take their weight's name instead (state-dict key without
+    the adapter prefix and `.weight`), and the node's name where even that repeats."""
+    counts = Counter(lin.name for lin in linears)
+    for lin in linears:
+        if counts[lin.name] > 1:
+            source = lin.node.meta.get(_WEIGHT_SOURCE) or edit.target(lin.node.args[1]) or lin.node.name
+            lin.name = source.removeprefix(_ADAPTER_PREFIX).removesuffix(".weight")
+    seen: set[str] = set()
+    for lin in linears:
+        if lin.name in seen:
+            lin.name = f"{lin.name}@{lin.node.name}"
+        seen.add(lin.name)
 
 
 def matches(name: str, patterns: Sequence[str]) -> str | None:
@@ -147,10 +215,10 @@ def scale_input(edit: WeightEdit, group: Sequence[Linear], inverse: torch.Tensor
     the norm that produces x when nothing else reads x, else an explicit multiply before the group. Returns
     how: `norm` or `mul`. The caller scales the group's weights by 1 / inverse."""
     x = group[0].x
-    spec = _NORM_WEIGHT_ARG.get(x.target) if x.op == "call_function" else None
-    members = {lin.node for lin in group}
-    if fold and spec is not None and set(x.users) <= members | _asserts(x):
-        w_index, b_index = spec
+    norm = producing_norm(x, {lin.node for lin in group})
+    if fold and norm is not None:
+        x = norm
+        w_index, b_index = _NORM_WEIGHT_ARG[x.target]
         args = list(x.args)
         weight = edit.value(args[w_index]) if len(args) > w_index else None
         if weight is not None:
@@ -163,6 +231,38 @@ def scale_input(edit: WeightEdit, group: Sequence[Linear], inverse: torch.Tensor
             x.args = tuple(args)
             return "norm"
     return _mul(edit, group, inverse)
+
+
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def behind_views(x: torch.fx.Node) -> list[torch.fx.Node]:
+    """`x`, then the nodes it is a view of, as long as each view keeps the last (channel) dim: GPT-2's Conv1D
+    reads `view(norm, [-1, K])`, and a per-channel scale of that view is one of the norm's output."""
+    chain = [x]
+    while x.op == "call_function" and x.target in _VIEWS and isinstance(x.args[0], torch.fx.Node):
+        source = x.args[0]
+        before, after = source.meta.get("val"), x.meta.get("val")
+        if before is None or after is None or before.shape[-1] != after.shape[-1]:
+            break
+        chain.append(source)
+        x = source
+    return chain
+
+
+def is_norm(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _NORM_WEIGHT_ARG
+
+
+def producing_norm(x: torch.fx.Node, readers: set) -> torch.fx.Node | None:
+    """The layer_norm / rms_norm whose output `x` is (behind_views), when nothing but `readers` reads x or
+    the views between: a per-channel scale of x can then live in the norm's weight. None otherwise."""
+    chain = behind_views(x)
+    for node in chain:
+        if not set(node.users) <= readers | _asserts(node):
+            return None
+        readers = {node}
+    return chain[-1] if is_norm(chain[-1]) else None
 
 
 def _asserts(node: torch.fx.Node) -> set:

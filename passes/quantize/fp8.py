@@ -39,13 +39,13 @@ class QuantizeFp8Pass(QuantizePass):
             return picked
         gm, edit, linears, selection = picked
         options = {"percentile": o.percentile} if o.observer == "percentile" else {}
-        observed = self.observe(program, [lin.node.name for lin in linears], observer=o.observer, **options)
+        observed = self.observe(program, [lin.observed for lin in linears], observer=o.observer, **options)
         rows = []
         for lin in selection.chosen:
             w = lin.weight.detach().float()
             w_scale = quant.fp8_scale(w.abs().max())
             w8 = (w.t() / w_scale).clamp(-quant.FP8_E4M3_MAX, quant.FP8_E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
-            x_scale = float(quant.fp8_scale(observed[lin.node.name].tensor_absmax()))
+            x_scale = float(quant.fp8_scale(observed[lin.observed].tensor_absmax()))
             args = (lin.current_x, edit.add(f"{lin.name}.weight_fp8", w8), edit.add(f"{lin.name}.weight_scale", w_scale),
                     lin.bias, x_scale)
             replace_node(lin.node, torch.ops.compilekit.fp8_linear.default, args)

@@ -23,7 +23,8 @@ from compilekit.ir import Program, WeightEdit
 from compilekit.pipeline import PassResult, register_pass
 
 from ._base import QuantizeOptions, QuantizePass
-from ._linears import Linear, groups_by_input, replace_node, scale_input, summarize, weight_bytes
+from ._linears import (Linear, behind_views, groups_by_input, is_norm, replace_node, scale_input, summarize,
+                       weight_bytes)
 
 aten = torch.ops.aten
 
@@ -172,11 +173,11 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
              weights: dict[str, torch.Tensor]) -> dict[str, dict]:
         o = self.options
         # Every linear at once: skip: auto asks again per candidate, and gets these back.
-        observed = self.observe(program, [lin.node.name for lin in linears], keep_rows=o.awq_rows)
+        observed = self.observe(program, [lin.observed for lin in linears], keep_rows=o.awq_rows)
         by_node = {lin.node: lin for lin in linears}
         report: dict[str, dict] = {}
         for group in groups_by_input(chosen):
-            obs = observed[group[0].node.name]
+            obs = observed[group[0].observed]
             w = torch.cat([weights[lin.name] for lin in group])
             s, ratio, gain = _awq_scale(obs.sample_rows(), w, obs.channel_absmean, o.group_size, o.symmetric,
                                         o.awq_grid)
@@ -189,7 +190,7 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
                         up.bias = edit.add(f"{up.name}.awq_bias", edit.value(up.bias) / s)
                         up.node.args = (*up.node.args[:2], up.bias)
                     how = f"folded into {up.name}"
-                elif up is None and group[0].x.target in (aten.rms_norm.default, aten.layer_norm.default):
+                elif up is None and is_norm(behind_views(group[0].x)[-1]):
                     how = scale_input(edit, group, 1.0 / s, fold=True)
                     if how == "mul":  # the norm's output is read elsewhere too: undo nothing, but say so
                         how = "explicit multiply (norm output also read elsewhere)"

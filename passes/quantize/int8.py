@@ -31,7 +31,7 @@ import torch
 from pydantic import Field
 
 from compilekit import quant
-from compilekit.calibrate import observe_inputs
+from compilekit.calibrate import observe_values
 from compilekit.ir import Program, WeightEdit
 from compilekit.pipeline import PassResult, register_pass
 
@@ -76,7 +76,7 @@ class QuantizeInt8Pass(QuantizePass):
         weights = {lin.name: lin.weight.detach().float() for lin in selection.chosen}
         inverse: dict[str, torch.Tensor] = {}
         smoothed: dict[str, str] = {}
-        all_nodes = [lin.node.name for lin in linears]
+        all_nodes = [lin.observed for lin in linears]
         alphas: dict[str, float | None] = {}
         gains: dict[str, float] = {}  # alpha: auto: the search's error reduction against no smoothing
         needs_ranges = o.smoothquant or (o.activations == "static" and o.observer == "minmax")
@@ -89,7 +89,7 @@ class QuantizeInt8Pass(QuantizePass):
             # call quantizes: skip: auto's one-layer-at-a-time calls then reuse it, and agree with the full run.
             whole = {lin.name: g for g in groups_by_input(linears) for lin in g}
             for group in groups_by_input(selection.chosen):
-                obs = observed[group[0].node.name]
+                obs = observed[group[0].observed]
                 wmax = torch.stack([weights[lin.name].abs().amax(0) for lin in group]).amax(0)
                 if search:
                     alpha, s, gain = self._searched_alpha(observed, whole[group[0].name], per_token)
@@ -111,16 +111,17 @@ class QuantizeInt8Pass(QuantizePass):
             if o.observer == "minmax":
                 # The smoothed input's range follows exactly from the per-channel ranges.
                 for lin in selection.chosen:
-                    obs = observed[lin.node.name]
+                    obs = observed[lin.observed]
                     absmax = float((obs.channel_absmax * inverse[lin.name]).max()) if lin.name in inverse else obs.absmax
                     input_scales[lin.name] = max(absmax, 1e-8) / 127.0
             else:
                 # A percentile of the tensor actually quantized: observe the smoothed input itself.
                 staged = _smoothed_inputs(program, inverse) if smoothed else program
-                names = {lin.name: lin.node.name
-                         for lin in find_linears(WeightEdit(staged, staged.graph_module), staged.graph)[0]}
-                stats = observe_inputs(staged, self.context.calibration_batches(staged, self.name),
-                                       [names[lin.name] for lin in selection.chosen], observer="percentile",
+                staged_gm = staged.copy_graph()
+                names = {lin.name: lin.observed
+                         for lin in find_linears(WeightEdit(staged, staged_gm), staged_gm.graph)[0]}
+                stats = observe_values(staged, self.context.calibration_batches(staged, self.name),
+                                       {names[lin.name] for lin in selection.chosen}, observer="percentile",
                                        percentile=o.percentile)
                 for lin in selection.chosen:
                     input_scales[lin.name] = max(stats[names[lin.name]].tensor_absmax(), 1e-8) / 127.0
@@ -170,7 +171,7 @@ class QuantizeInt8Pass(QuantizePass):
         if cache is None or cache[0] is not observed:
             cache = self._alpha_cache = (observed, {})
         if key not in cache[1]:
-            obs = observed[group[0].node.name]
+            obs = observed[group[0].observed]
             ws = [lin.weight.detach().float() for lin in group]
             wmax = torch.stack([w.abs().amax(0) for w in ws]).amax(0)
             rows = obs.sample_rows()

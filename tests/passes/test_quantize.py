@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compilekit.errors import PassError
-from compilekit.ir import op_histogram
+from compilekit.ir import WeightEdit, op_histogram
 from compilekit.pipeline import PassContext, get_pass
 from compilekit.targets.onnx import lower_to_onnx
 from compilekit.verify import compare
@@ -446,3 +446,120 @@ def test_int8_per_token_with_bias_survives_ort_default_fusions(export_module, tm
     runner = target.load(tmp_path)
     lowered = [{k: torch.from_numpy(v) for k, v in runner.run(b).items()} for b in batches]
     assert compare(outs, lowered)["output"].sqnr_db > 60.0
+
+
+# ------------------------------------------------------------------ architectures and matrix products
+
+aten = torch.ops.aten
+# tests/conftest.py TINY_ARCHS, with the number of output projections (lm_head) each has.
+ARCH_HEADS = {"bert": 0, "roberta": 0, "distilbert": 0, "llama": 1, "mistral": 1, "qwen2": 1, "phi3": 1, "gpt2": 1,
+              "gpt_neox": 1}
+PRODUCTS = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default)
+QUANTIZED = {"quantize.int8": "compilekit.int8_linear", "quantize.int4_weight_only": "compilekit.nbits_linear",
+             "quantize.fp8": "compilekit.fp8_linear"}
+# (pass, options, least SQNR in dB of every output against the unquantized program): random weights, 2 layers.
+CONFIGS = {
+    "int8_dynamic_smoothquant": ("quantize.int8", {"smoothquant": True, "alpha": "auto"}, 30.0),
+    "int8_static": ("quantize.int8", {"activations": "static", "smoothquant": True, "alpha": 0.5}, 30.0),
+    "int4_awq_asymmetric": ("quantize.int4_weight_only", {"algorithm": "awq", "symmetric": False}, 15.0),
+    "fp8": ("quantize.fp8", {}, 22.0),
+}
+
+
+def _weighted_products(program) -> int:
+    """Products whose second operand (linear: the weight; addmm / mm / matmul: the right matrix) is a stored
+    2-D weight, counted on the exported program itself."""
+    edit = WeightEdit(program, program.graph_module)
+    count = 0
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target in PRODUCTS:
+            w = node.args[2] if node.target is aten.addmm.default else node.args[1]
+            value = edit.value(w)
+            count += value is not None and value.dim() == 2
+    return count
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("arch", list(ARCH_HEADS))
+def test_every_architecture_quantizes_its_products(tiny_arch, arch, config, tmp_path):
+    tiny = tiny_arch(arch, "sdpa")
+    name, options, bound = CONFIGS[config]
+    batches = _batches(tiny)
+    reference = _run(tiny.program, batches)
+    result = get_pass(name)(options, context=_ctx(batches))(tiny.program)
+    heads = ARCH_HEADS[arch]  # the output projection stays float by default
+    hist = op_histogram(result.program.graph)
+    assert hist.get(QUANTIZED[name], 0) == _weighted_products(tiny.program) - heads > 0
+    assert list(result.stats["skipped"]) == (["lm_head"] if heads else [])  # nothing else missed
+    outs = _run(result.program, batches)
+    assert min(m.sqnr_db for m in compare(reference, outs).values()) > bound
+    lowered, _, _ = _ort(result.program, batches, tmp_path)
+    # int8-compute int4 quantizes activations per group inside MatMulNBits: not bit-equal to the reference.
+    assert min(m.sqnr_db for m in compare(outs, lowered).values()) > 40.0
+
+
+def test_gpt2_conv1d_becomes_a_linear_and_smoothing_folds_into_the_norm_behind_its_view(tiny_arch):
+    tiny = tiny_arch("gpt2", "sdpa")
+    assert op_histogram(tiny.program.graph)["aten.addmm"] == 8  # c_attn, c_proj, c_fc, mlp.c_proj per layer
+    batches = _batches(tiny)
+    result = get_pass("quantize.int8")({"activations": "static", "smoothquant": True, "alpha": 0.5},
+                                       context=_ctx(batches))(tiny.program)
+    hist = op_histogram(result.program.graph)
+    assert "aten.addmm" not in hist and hist["compilekit.int8_linear"] == 8
+    how = {row["name"]: row["smoothing"] for row in result.stats["layers"]}
+    # c_attn / c_fc read view(ln_1 / ln_2, [-1, K]): the scale lives in the norm; the others need a multiply.
+    assert {n for n, h in how.items() if h == "norm"} == {f"transformer.h.{i}.{m}" for i in (0, 1)
+                                                          for m in ("attn.c_attn", "mlp.c_fc")}
+    assert {h for n, h in how.items() if not n.endswith(("c_attn", "c_fc"))} == {"mul"}
+    awq = get_pass("quantize.int4_weight_only")({"algorithm": "awq"}, context=_ctx(batches))(tiny.program)
+    folded = {row["name"]: row["awq"]["folded"] for row in awq.stats["layers"]}
+    assert folded["transformer.h.0.attn.c_attn"] == "folded into the norm"
+
+
+class _Products(torch.nn.Module):
+    """x @ W (matmul), mm over a 2-D view, addmm with a bias, addmm with beta, and a product of activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w_matmul = torch.nn.Parameter(torch.randn(8, 8) * 0.3)
+        self.w_mm = torch.nn.Parameter(torch.randn(8, 8) * 0.3)
+        self.w_addmm = torch.nn.Parameter(torch.randn(8, 8) * 0.3)
+        self.b_addmm = torch.nn.Parameter(torch.randn(8) * 0.1)
+        self.w_beta = torch.nn.Parameter(torch.randn(8, 8) * 0.3)
+
+    def forward(self, x):
+        h = x @ self.w_matmul
+        h = torch.mm(h, self.w_mm)
+        h = torch.addmm(self.b_addmm, h, self.w_addmm)
+        gram = h @ h.t()  # activations only: not a linear
+        h = torch.addmm(self.b_addmm, h, self.w_beta, beta=0.5)
+        return h + gram.sum(-1, keepdim=True)
+
+
+def test_products_over_stored_weights_become_linears_and_the_rest_is_left_with_a_reason(export_module):
+    program = export_module(_Products())
+    before = op_histogram(program.graph)
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(16, 8, generator=gen)} for _ in range(3)]
+    reference = _run(program, batches)
+    result = get_pass("quantize.int8")({}, context=_ctx(batches))(program)
+    hist = op_histogram(result.program.graph)
+    assert hist["compilekit.int8_linear"] == 3
+    # The activation product stays, and so does the addmm with beta 0.5, named with its reason.
+    assert hist.get("aten.addmm", 0) == 1 and hist.get("aten.matmul", 0) + hist.get("aten.mm", 0) == \
+        before.get("aten.matmul", 0) + before.get("aten.mm", 0) - 2
+    # One module runs all three: each is named by its weight, so layers (and skip patterns) stay distinct.
+    assert {row["name"] for row in result.stats["layers"]} == {"w_matmul", "w_mm", "w_addmm"}
+    assert "alpha / beta" in result.stats["skipped"]["w_beta"]
+    assert compare(reference, _run(result.program, batches))["output"].sqnr_db > 30.0
+
+
+def test_a_program_without_stored_weight_products_is_left_alone(export_module):
+    class Gram(torch.nn.Module):
+        def forward(self, x):
+            return torch.mm(x, x.t()) @ x
+
+    program = export_module(Gram())
+    result = get_pass("quantize.int8")({})(program)
+    assert not result.modified and result.program is program and result.stats["quantized"] == 0
