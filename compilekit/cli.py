@@ -263,7 +263,7 @@ def _print_trt_report(report, source: dict) -> None:
 @cli.command("passes")
 def passes_cmd() -> None:
     """List the pass catalogue with each pass's options and defaults."""
-    from .pipeline import available_passes
+    from .pipeline import available_passes, option_signature
 
     for name, cls in available_passes().items():
         click.echo(f"{name}  (v{cls.version})")
@@ -272,10 +272,8 @@ def passes_cmd() -> None:
         if not fields:
             click.echo("    options: none")
         for field, info in fields.items():
-            ann = str(info.annotation).replace("typing.", "") if getattr(info.annotation, "__args__", None) \
-                else getattr(info.annotation, "__name__", str(info.annotation))
             doc = f"  {info.description}" if info.description else ""
-            click.echo(f"    {field}: {ann} = {info.get_default(call_default_factory=True)!r}{doc}")
+            click.echo(f"    {option_signature(field, info)}{doc}")
 
 
 @cli.group()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import time
+import types
+import typing
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -138,18 +140,40 @@ def build_passes(specs: Sequence[Any], recipe: Any = None) -> list[Pass]:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors(include_url=False))
             msg = f"bad options for pass {spec.name!r}: {problems}"
-            hint = f"options of {spec.name}: {describe_options(cls.Options) or 'none'}"
+            fields = cls.Options.model_fields
+            named = {str(e["loc"][0]) for e in exc.errors() if e["loc"] and str(e["loc"][0]) in fields}
+            if named:  # the options at fault, each with its description
+                hint = "; ".join(f"{option_signature(n, fields[n])}: {fields[n].description or ''}".rstrip(": ")
+                                 for n in fields if n in named)
+                hint += f" (`compilekit passes` lists every option of {spec.name})"
+            else:
+                hint = f"options of {spec.name}: {describe_options(cls.Options) or 'none'}"
             oloc = ("passes", i, "options")
             raise recipe.error(oloc, msg, hint=hint) if recipe else RecipeError(msg, hint=hint) from None
     return passes
 
 
+def type_name(ann: Any) -> str:
+    """A readable type: `float | 'auto'`, `list[str]`, constraints left out."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        return type_name(args[0])
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    return "None" if ann is type(None) else getattr(ann, "__name__", str(ann))
+
+
+def option_signature(name: str, field: Any) -> str:
+    """`name: type = default` of one options field (a default factory is called)."""
+    return f"{name}: {type_name(field.annotation)} = {field.get_default(call_default_factory=True)!r}"
+
+
 def describe_options(options: type[BaseModel]) -> str:
-    parts = []
-    for name, f in options.model_fields.items():
-        ann = getattr(f.annotation, "__name__", str(f.annotation)).replace("typing.", "")
-        parts.append(f"{name}: {ann} = {f.default!r}")
-    return ", ".join(parts)
+    return ", ".join(option_signature(name, f) for name, f in options.model_fields.items())
 
 
 # ----------------------------------------------------------------------------------------------- rules

@@ -197,10 +197,24 @@ class DataSpec(_Model):
 
 
 GateName = Literal["cosine_min", "cosine_mean", "sqnr_db", "top1", "max_abs", "max_rel"]
+# The values each gated metric can take: a bound outside them is a typo that can never pass (cosine 1.01,
+# max_abs -1) or always does (top1 -0.5).
+_GATE_RANGES = {"cosine_min": (-1.0, 1.0), "cosine_mean": (-1.0, 1.0), "top1": (0.0, 1.0),
+                "max_abs": (0.0, float("inf")), "max_rel": (0.0, float("inf")), "sqnr_db": (-float("inf"), float("inf"))}
+
+
+def check_gate_bounds(gates: dict[str, float]) -> dict[str, float]:
+    """`gates` itself, or a ValueError naming the first bound that its metric cannot take."""
+    for name, bound in gates.items():
+        low, high = _GATE_RANGES[name]
+        if not low <= bound <= high:  # NaN fails too
+            raise ValueError(f"{name}: {bound} is outside the metric's range [{low:g}, {high:g}], so the gate could "
+                             "never be met (or always would)")
+    return gates
 
 
 class AccuracySpec(_Model):
-    gates: dict[GateName, float] = Field(
+    gates: Annotated[dict[GateName, float], AfterValidator(check_gate_bounds)] = Field(
         default_factory=lambda: {"cosine_min": 0.999},
         description="metric -> bound: cosine_min, cosine_mean, sqnr_db, top1 (at least); max_abs, max_rel (at most).",
     )

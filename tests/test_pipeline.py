@@ -165,13 +165,27 @@ def test_build_passes_unknown_name_is_a_recipe_error():
     assert "cleanup.dead_code" in info.value.hint
 
 
-@pytest.mark.parametrize("options, problem", [({"noop": "maybe"}, "noop: Input should be a valid boolean"),
-                                              ({"bogus": 1}, "bogus: Extra inputs are not permitted")])
-def test_build_passes_bad_options_is_a_recipe_error(options, problem):
+@pytest.mark.parametrize("options, problem, hint", [
+    # A bad value: the hint is that option, its type, default and description.
+    ({"noop": "maybe"}, "noop: Input should be a valid boolean",
+     "noop: bool = True: Bypass no-op ops before removing dead nodes. (`compilekit passes` lists every option of "
+     "cleanup.dead_code)"),
+    # An unknown name: every option.
+    ({"bogus": 1}, "bogus: Extra inputs are not permitted", "options of cleanup.dead_code: noop: bool = True")])
+def test_build_passes_bad_options_is_a_recipe_error(options, problem, hint):
     with pytest.raises(RecipeError, match="bad options for pass 'cleanup.dead_code'") as info:
         build_passes([PassSpec(name="cleanup.dead_code", options=options)])
     assert problem in info.value.message
-    assert info.value.hint == "options of cleanup.dead_code: noop: bool = True"
+    assert info.value.hint == hint
+
+
+def test_option_types_read_as_written_in_a_recipe():
+    from compilekit.pipeline import get_pass, option_signature
+
+    fields = get_pass("quantize.int8").Options.model_fields
+    assert option_signature("alpha", fields["alpha"]) == "alpha: float | 'auto' = 0.5"
+    assert option_signature("skip", fields["skip"]) == "skip: list[str] | 'auto' = []"  # a default factory, called
+    assert option_signature("budget_outputs", fields["budget_outputs"]) == "budget_outputs: list[str] | None = None"
 
 
 def test_build_passes_errors_point_at_the_recipe_line(tiny_recipe):

@@ -403,6 +403,23 @@ def test_unknown_gate_name_is_located(tmp_path):
     assert "'cosine_min'" in message
 
 
+@pytest.mark.parametrize("gate, bound, range_", [("cosine_min", "1.01", "[-1, 1]"), ("top1", "-0.5", "[0, 1]"),
+                                                 ("max_abs", "-1", "[0, inf]"), ("cosine_mean", ".nan", "[-1, 1]")])
+def test_a_gate_bound_outside_its_metrics_range_is_located(tmp_path, gate, bound, range_):
+    text = edit("  latency:\n", f"  accuracy:\n    gates: {{{gate}: {bound}}}\n  latency:\n")
+    message = load_error(tmp_path, text)
+    assert_located(message, tmp_path / "recipe.yaml", line_of(text, "gates:"), "verify.accuracy.gates")
+    assert f"{gate}: " in message and f"outside the metric's range {range_}" in message
+
+
+def test_a_quantize_budget_outside_its_metrics_range_is_a_recipe_error():
+    from compilekit.pipeline import build_passes
+    from compilekit.recipe import PassSpec
+
+    with pytest.raises(RecipeError, match="cosine_min: 1.5 is outside the metric's range"):
+        build_passes([PassSpec(name="quantize.int8", options={"skip": "auto", "budget": {"cosine_min": 1.5}})])
+
+
 def test_latency_shape_must_name_declared_dims_in_range(tmp_path):
     text = edit("    runs: 3\n", "    runs: 3\n    shape: {seq: 64, tokens: 3}\n")
     message = load_error(tmp_path, text)

@@ -4,14 +4,15 @@ budget, the lm_head switch), per-layer sensitivity, and the automatic choice of 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from compilekit.calibrate import observe_values
 from compilekit.errors import RecipeError
 from compilekit.ir import Program, WeightEdit
 from compilekit.pipeline import Pass, PassOptions, PassResult
+from compilekit.recipe import check_gate_bounds
 from compilekit.sensitivity import choose_float_layers, layer_sensitivity
 from compilekit.verify.data import take_samples
 
@@ -24,7 +25,7 @@ class QuantizeOptions(PassOptions):
     skip: list[str] | Literal["auto"] = Field(
         default_factory=list, description="Module name patterns kept float (fnmatch, e.g. ['pooler.*']), or `auto`: "
         "keep the fewest most-sensitive layers float that meet `budget`.")
-    budget: dict[GateName, float] = Field(
+    budget: Annotated[dict[GateName, float], AfterValidator(check_gate_bounds)] = Field(
         default_factory=lambda: {"cosine_min": 0.99}, description="skip: auto: accuracy the quantized program must "
         "keep against the unquantized one on calibration data (gate -> bound, as verify.accuracy.gates).")
     budget_outputs: list[str] | None = Field(None, description="skip: auto: outputs the budget applies to (default all).")
@@ -63,7 +64,7 @@ class QuantizePass(Pass):
         selection = select(linears, skip=self.skip_patterns, lm_head=self.options.lm_head, missed=missed, only=only,
                            keep_float=keep_float)
         if not selection.chosen:
-            summary, stats = summarize(self.kind, [], selection.skipped)
+            summary, stats = summarize(self.kind, [], selection)
             return PassResult(program, False, stats, "nothing quantized; " + summary)
         return gm, edit, linears, selection
 

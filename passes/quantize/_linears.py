@@ -146,6 +146,7 @@ def matches(name: str, patterns: Sequence[str]) -> str | None:
 class Selection:
     chosen: list[Linear] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)  # skip patterns that named no layer (a typo, or another model's)
 
 
 def select(linears: Sequence[Linear], *, skip: Sequence[str], lm_head: bool, missed: dict[str, str],
@@ -153,6 +154,8 @@ def select(linears: Sequence[Linear], *, skip: Sequence[str], lm_head: bool, mis
     """The linears to quantize: not skipped by pattern, not the lm_head unless asked, within `only` when
     given, and not in `keep_float` (chosen by `skip: auto`)."""
     out = Selection(skipped=dict(missed))
+    names = [lin.name for lin in linears] + list(missed)
+    out.unmatched = [p for p in skip if not any(fnmatch.fnmatchcase(name, p) for name in names)]
     for lin in linears:
         pattern = matches(lin.name, skip)
         if pattern is not None:
@@ -190,7 +193,8 @@ def weight_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def summarize(kind: str, quantized: list[dict[str, Any]], skipped: dict[str, str], extra: str = "") -> tuple[str, dict]:
+def summarize(kind: str, quantized: list[dict[str, Any]], selection: Selection, extra: str = "") -> tuple[str, dict]:
+    skipped = selection.skipped
     before = sum(q["bytes_before"] for q in quantized)
     after = sum(q["bytes_after"] for q in quantized)
     sqnr = sorted(q["weight_sqnr_db"] for q in quantized)
@@ -202,8 +206,11 @@ def summarize(kind: str, quantized: list[dict[str, Any]], skipped: dict[str, str
     if skipped:
         shown = ", ".join(f"{n} ({why})" for n, why in list(skipped.items())[:4])
         parts.append(f"kept float: {len(skipped)}: {shown}" + (" ..." if len(skipped) > 4 else ""))
+    if selection.unmatched:
+        parts.append(f"skip patterns that match no layer: {selection.unmatched} (layers are named like "
+                     f"{next(iter([*(q['name'] for q in quantized), *skipped]), 'none')!r})")
     stats = {"quantized": len(quantized), "bytes_before": before, "bytes_after": after,
-             "layers": quantized, "skipped": skipped}
+             "layers": quantized, "skipped": skipped, "unmatched_skip": selection.unmatched}
     return "; ".join(parts), stats
 
 

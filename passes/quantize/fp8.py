@@ -53,5 +53,5 @@ class QuantizeFp8Pass(QuantizePass):
                          "weight_sqnr_db": round(quant.sqnr_db(w.t(), w8.float() * w_scale), 2),
                          "bytes_before": weight_bytes(lin.weight), "bytes_after": weight_bytes(w8) + 4})
         gm.graph.eliminate_dead_code()
-        summary, stats = summarize("fp8 e4m3", rows, selection.skipped, f"per-tensor scales, {o.observer} observer")
+        summary, stats = summarize("fp8 e4m3", rows, selection, f"per-tensor scales, {o.observer} observer")
         return PassResult(program.with_graph(gm, weights=edit), True, stats, summary)

@@ -127,7 +127,7 @@ class QuantizeInt4WeightOnlyPass(QuantizePass):
         if awq:
             scaled = sum(1 for a in awq.values() if a.get("folded"))
             extra += f", AWQ scales on {scaled} of {len(awq)} linears"
-        summary, stats = summarize("int4", rows, selection.skipped, extra)
+        summary, stats = summarize("int4", rows, selection, extra)
         embedding_rows = self._embeddings(gm, edit, tables) if o.embeddings else []
         embeddings = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.embedding.default]
         emb_bytes = sum(weight_bytes(edit.value(n.args[0])) for n in embeddings if edit.value(n.args[0]) is not None)

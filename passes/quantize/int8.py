@@ -155,7 +155,7 @@ class QuantizeInt8Pass(QuantizePass):
             extra += f", {o.observer} observer"
         if per_token:
             extra += f"; {len(per_token)} most sensitive with per-token activations"
-        summary, stats = summarize("int8", rows, selection.skipped, extra)
+        summary, stats = summarize("int8", rows, selection, extra)
         stats["activations"] = o.activations
         return PassResult(program.with_graph(gm, weights=edit), True, stats, summary)
 

@@ -108,10 +108,14 @@ def test_int8_dynamic_has_no_tensorrt_form(bert, tmp_path):
 
 
 def test_int8_skip_patterns_and_noop(bert):
-    result = get_pass("quantize.int8")({"skip": ["pooler.*", "*.attention.*"]})(bert.program)
+    result = get_pass("quantize.int8")({"skip": ["pooler.*", "*.attention.*", "bert.pooler.*"]})(bert.program)
     names = set(result.stats["skipped"])
     assert "pooler.dense" in names and all("attention" in n or n == "pooler.dense" for n in names)
     assert op_histogram(result.program.graph)["aten.linear"] == len(names)
+    # A pattern that names no layer (here a wrong prefix) is said, with what layer names look like.
+    assert result.stats["unmatched_skip"] == ["bert.pooler.*"]
+    assert "skip patterns that match no layer: ['bert.pooler.*']" in result.summary
+    assert get_pass("quantize.int8")({"skip": ["pooler.*"]})(bert.program).stats["unmatched_skip"] == []
     # Everything skipped: nothing changes, and the pass says why.
     noop = get_pass("quantize.int8")({"skip": ["*"]})(bert.program)
     assert not noop.modified and noop.program is bert.program and "nothing quantized" in noop.summary
