@@ -182,21 +182,31 @@ def inspect(recipe: Path, after: str | None, graph: bool, sensitivity: bool, as_
 
 
 def _print_sensitivity(pass_name: str, rows: list[dict]) -> None:
+    """One row per layer. Up to two outputs get their own columns; with more (a decoder's KV cache outputs), the
+    first output keeps its columns and the rest are shown as their worst (`--json` has every number)."""
     from rich.table import Table
 
     outputs = list(rows[0]["outputs"]) if rows else []
+    shown, rest = (outputs, []) if len(outputs) <= 2 else (outputs[:1], outputs[1:])
     table = Table(title=f"{pass_name}: each layer quantized alone, error against the unquantized program "
                         "(calibration data), most sensitive first")
     table.add_column("#", justify="right")
-    table.add_column("layer")
-    for o in outputs:
+    table.add_column("layer", no_wrap=True)
+    for o in shown:
         table.add_column(f"{o} SQNR dB", justify="right")
         table.add_column(f"{o} cosine min", justify="right")
+    if rest:
+        table.add_column(f"other {len(rest)} outputs: worst SQNR dB", justify="right")
+        table.add_column("worst cosine min", justify="right")
     for i, row in enumerate(rows, 1):
         cells = []
-        for o in outputs:
+        for o in shown:
             m = row["outputs"][o]
             cells += [f"{m['sqnr_db']:.2f}", f"{m['cosine_min']:.6f}"]
+        if rest:
+            worst = min(rest, key=lambda o: row["outputs"][o]["sqnr_db"])
+            cells += [f"{row['outputs'][worst]['sqnr_db']:.2f} ({worst})",
+                      f"{min(row['outputs'][o]['cosine_min'] for o in rest):.6f}"]
         table.add_row(str(i), row["layer"], *cells)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 

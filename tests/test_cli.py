@@ -393,6 +393,29 @@ def test_inspect_sensitivity_ranks_every_layer(tiny_recipe):
     assert table.exit_code == 0 and "most sensitive first" in table.stdout
 
 
+def test_inspect_sensitivity_table_of_a_decoder_keeps_layer_names_whole(tmp_path):
+    """A KV-cache decoder has 1 + 2 x layers outputs: the table shows logits and the worst of the rest, so the
+    layer names are not cut to fit."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "tiny-llama-kv.yaml").read_text())
+    recipe["passes"].insert(3, {"name": "quantize.int8", "options": {"sensitivity_samples": 4}})
+    path = tmp_path / "kv-int8.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(cli, ["inspect", str(path), "--sensitivity", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["layers"]
+    assert len(rows[0]["outputs"]) == 5  # logits + 2 layers x (key, value)
+    table = CliRunner().invoke(cli, ["inspect", str(path), "--sensitivity"])
+    assert table.exit_code == 0, table.output
+    assert "other 4 outputs: worst SQNR dB" in table.stdout
+    for row in rows:  # every name whole, with the worst of the other outputs beside it
+        line = next(line for line in table.stdout.splitlines() if f" {row['layer']} " in line)
+        rest = {k: v for k, v in row["outputs"].items() if k != "logits"}
+        worst = min(rest, key=lambda k: rest[k]["sqnr_db"])
+        assert f"{rest[worst]['sqnr_db']:.2f} ({worst})" in line
+
+
 def test_inspect_sensitivity_without_a_quantization_pass(tiny_recipe):
     result = CliRunner().invoke(cli, ["inspect", str(tiny_recipe()), "--sensitivity"])
     assert result.exit_code == 2
