@@ -155,13 +155,17 @@ def _calibration_batches(loaded: LoadedRecipe, model: LoadedModel, adapter: Any)
     if cal.source == "tensors":
         names = ["input_ids"] if decoder else [i.name for i in r.inputs]
         file_batches = load_tensor_batches(cal.path, names)
-        dtypes = {i.name: i.dtype for i in r.inputs}
+        specs = {i.name: i for i in r.inputs}
         for n, b in enumerate(file_batches):
-            wrong = {k: dtype_name(v.dtype) for k, v in b.items() if dtype_name(v.dtype) != dtypes[k]}
+            wrong = {k: dtype_name(v.dtype) for k, v in b.items() if dtype_name(v.dtype) != specs[k].dtype}
             if wrong:
                 raise loaded.error(("calibration", "path"), f"calibration file {cal.path}: batch {n} has {wrong}; "
-                                   f"the recipe's inputs are {({k: dtypes[k] for k in wrong})}",
+                                   f"the recipe's inputs are {({k: specs[k].dtype for k in wrong})}",
                                    hint="save the tensors in the recipe's input dtypes")
+            problem = _tensor_batch_problem(b, specs, model.vocab_size)
+            if problem:
+                raise loaded.error(("calibration", "path"), f"calibration file {cal.path}: batch {n}: {problem}",
+                                   hint="save tensors of the recipe's input shapes, with token ids the model has")
         loaded_batches = [{k: v[i:i + batch_size] for k, v in b.items()}
                           for b in file_batches
                           for i in range(0, next(iter(b.values())).shape[0], batch_size)]
@@ -185,6 +189,25 @@ def _calibration_batches(loaded: LoadedRecipe, model: LoadedModel, adapter: Any)
         return text_batches(model.tokenizer, texts, r.inputs, r.dims, batch_size=batch_size, max_length=cal.max_length)
     return random_batches(r.inputs, r.dims, samples=cal.samples, batch_size=batch_size, sizes=data.shape,
                           vocab_size=model.vocab_size, seed=cal.seed + 1000)
+
+
+def _tensor_batch_problem(batch: Batch, specs: dict[str, Any], vocab_size: int | None) -> str | None:
+    """What is wrong with a batch from a tensors file that its dtypes do not show: a rank other than the
+    recipe input's, or token ids (integer inputs filled at random, as make_inputs would) outside
+    [0, high or vocab size). Either would fail deep inside the model, not at the file."""
+    from .inputs import default_fill
+
+    for name, value in batch.items():
+        spec = specs[name]
+        if value.dim() != len(spec.shape):
+            return f"`{name}` has shape {list(value.shape)}; the recipe's input is rank {len(spec.shape)}: {list(spec.shape)}"
+        token_ids = not value.dtype.is_floating_point and value.dtype != torch.bool and \
+            (spec.fill or default_fill(spec.name, spec.dtype)) == "random"
+        high = spec.high or vocab_size
+        if token_ids and value.numel() and high is not None and (int(value.min()) < 0 or int(value.max()) >= high):
+            return (f"`{name}` holds values {int(value.min())}..{int(value.max())}, outside the model's token ids "
+                    f"0..{high - 1}")
+    return None
 
 
 def _prefill(adapter: Any, ids: torch.Tensor) -> Batch:

@@ -67,6 +67,17 @@ def test_calibration_tensors_that_do_not_fit_the_recipe_are_named(tiny_recipe, r
                "token_type_ids": torch.zeros(2, 8, dtype=torch.int64)}, str(path))
     with pytest.raises(RecipeError, match=r"calibration.path: .*batch 0 has \{'input_ids': 'float32'\}"):
         compile_recipe(load_recipe(recipe), registry=registry_dir)
+    # Token ids past the vocabulary (128) and a rank the recipe does not declare: named at the file, before any
+    # pass runs the model on them (which failed with an IndexError inside the embedding).
+    ok = {n: torch.ones(2, 8, dtype=torch.int64) for n in feeds}
+    save_file({**ok, "input_ids": torch.full((2, 8), 500, dtype=torch.int64)}, str(path))
+    with pytest.raises(RecipeError, match=r"batch 0: `input_ids` holds values 500..500, outside the model's token "
+                                          r"ids 0..127"):
+        compile_recipe(load_recipe(recipe), registry=registry_dir)
+    save_file({**ok, "attention_mask": torch.ones(2, 8, 1, dtype=torch.int64)}, str(path))
+    with pytest.raises(RecipeError, match=r"batch 0: `attention_mask` has shape \[2, 8, 1\]; the recipe's input is "
+                                          r"rank 2"):
+        compile_recipe(load_recipe(recipe), registry=registry_dir)
     assert not registry_dir.exists() or not any(registry_dir.rglob("manifest.json"))
 
 
