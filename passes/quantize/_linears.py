@@ -27,12 +27,9 @@ class Linear:
     bias: torch.fx.Node | None
     x: torch.fx.Node
     is_lm_head: bool = False
-    # The node whose output is this linear's input in the program being quantized (calibration observes it
-    # there): `x` itself may later become a smoothing multiply, and a rewritten addmm has a new node.
+    # The node whose output is this linear's input in the program being quantized, where calibration observes
+    # it: `x` may later become a smoothing multiply, and x made by a rewritten product has a new name here.
     observed: str = ""
-
-    def __post_init__(self) -> None:
-        self.observed = self.observed or self.x.name
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,12 +56,14 @@ def _stored(edit: WeightEdit, node: Any, dims: int) -> torch.Tensor | None:
 _WEIGHT_SOURCE = "compilekit_weight_source"  # a rewritten product's original weight (its name in the state dict)
 
 
-def linears_from_matmuls(edit: WeightEdit, graph: torch.fx.Graph) -> dict[str, str]:
+def linears_from_matmuls(edit: WeightEdit, graph: torch.fx.Graph) -> tuple[dict[str, str], dict[torch.fx.Node, str]]:
     """Rewrite the matrix products over a stored [K, N] weight as `aten.linear` over its transpose, so the
     passes find them: `addmm(bias, x, W)` (GPT-2's Conv1D), `mm(x, W)` and `matmul(x, W)` (`x @ W` in a
     module). The same numbers; the weight is stored transposed once. Returns, for the products that have a
-    stored weight but are left alone (named by that weight), why."""
+    stored weight but are left alone (named by that weight), why; and each new linear's original node name
+    (what calibration observes in the unedited program when a linear reads another)."""
     left: dict[str, str] = {}
+    sources: dict[torch.fx.Node, str] = {}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (aten.addmm.default, aten.mm.default, aten.matmul.default):
             continue
@@ -87,9 +86,10 @@ def linears_from_matmuls(edit: WeightEdit, graph: torch.fx.Graph) -> dict[str, s
             linear = graph.call_function(aten.linear.default, (x, transposed, bias))
         linear.meta.update({k: node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in node.meta})
         linear.meta[_WEIGHT_SOURCE] = edit.target(w)
+        sources[linear] = node.name
         node.replace_all_uses_with(linear)
         graph.erase_node(node)
-    return left
+    return left, sources
 
 
 def find_linears(edit: WeightEdit, graph: torch.fx.Graph) -> tuple[list[Linear], dict[str, str]]:
@@ -97,7 +97,7 @@ def find_linears(edit: WeightEdit, graph: torch.fx.Graph) -> tuple[list[Linear],
     lm_head / embed_out, or whose weight is an embedding table (tied), is marked as the output projection.
     Products over stored weights (addmm / mm / matmul) become linears first (linears_from_matmuls): `graph`
     must be a copy the caller may edit."""
-    missed = linears_from_matmuls(edit, graph)
+    missed, sources = linears_from_matmuls(edit, graph)
     found = []
     # An output projection is named so, or shares its weight with an embedding table (tied).
     embedding_tables = {id(edit.value(n.args[0])) for n in graph.nodes
@@ -117,7 +117,7 @@ def find_linears(edit: WeightEdit, graph: torch.fx.Graph) -> tuple[list[Linear],
             continue
         leaf = name.rsplit(".", 1)[-1]
         is_head = leaf in ("lm_head", "embed_out") or id(weight) in embedding_tables
-        found.append(Linear(node, name, weight, bias, x, is_head))
+        found.append(Linear(node, name, weight, bias, x, is_head, observed=sources.get(x, x.name)))
     _unique_names(edit, found)
     return found, missed
 

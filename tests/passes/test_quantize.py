@@ -557,6 +557,13 @@ def test_products_over_stored_weights_become_linears_and_the_rest_is_left_with_a
     assert {row["name"] for row in result.stats["layers"]} == {"w_matmul", "w_mm", "w_addmm"}
     assert "alpha / beta" in result.stats["skipped"]["w_beta"]
     assert compare(reference, _run(result.program, batches))["output"].sqnr_db > 30.0
+    # Calibrated forms observe each input where the program computes it, also an input made by a product
+    # that became a linear (mm reads matmul's output); the percentile path observes a smoothed copy.
+    for options in ({"activations": "static", "smoothquant": True, "alpha": "auto"},
+                    {"activations": "static", "observer": "percentile", "smoothquant": True, "alpha": 0.5}):
+        static = get_pass("quantize.int8")(options, context=_ctx(batches))(program)
+        assert op_histogram(static.program.graph)["compilekit.int8_linear"] == 3
+        assert compare(reference, _run(static.program, batches))["output"].sqnr_db > 30.0
 
 
 def test_a_program_without_stored_weight_products_is_left_alone(export_module):
