@@ -153,6 +153,26 @@ def build_passes(specs: Sequence[Any], recipe: Any = None) -> list[Pass]:
     return passes
 
 
+def _where(exc: BaseException) -> str:
+    """` (at passes/x.py:12 in f)`: the innermost frame of compilekit's own code (its package or the passes',
+    this module left out), where a library call from a pass failed; empty when none is."""
+    import traceback
+
+    from . import passes
+
+    roots = [str(Path(r).resolve()) for r in (Path(__file__).parent, *passes.__path__)]
+    here = str(Path(__file__).resolve())  # the manager and Pass.__call__ are on every failing pass's stack
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if any(str(Path(f.filename).resolve()).startswith(r) for r in roots) and
+              str(Path(f.filename).resolve()) != here]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    base = Path(roots[0]).parent
+    shown = Path(frame.filename).resolve()
+    return f" (at {shown.relative_to(base) if shown.is_relative_to(base) else shown}:{frame.lineno} in {frame.name})"
+
+
 def type_name(ann: Any) -> str:
     """A readable type: `float | 'auto'`, `list[str]`, constraints left out."""
     origin, args = typing.get_origin(ann), typing.get_args(ann)
@@ -335,9 +355,11 @@ class PassManager:
                 result = p(program)
             except CompilekitError:  # a user's error (bad calibration data, a pass error): already actionable
                 raise
-            except Exception as exc:  # a pass bug must still say which pass, after which passes
-                raise PassError(f"pass {p.name} failed: {type(exc).__name__}: {exc}",
-                                hint=f"passes that ran before it: {ran or 'none'}; remove it from the recipe to continue") from exc
+            except Exception as exc:  # a pass bug must still say which pass, after which passes, and where
+                raise PassError(f"pass {p.name} failed: {type(exc).__name__}: {exc}{_where(exc)}",
+                                hint=f"passes that ran before it: {ran or 'none'}; this is a bug in the pass (please "
+                                     "report it with the COMPILEKIT_DEBUG=1 traceback); to continue, remove the pass "
+                                     "from the recipe") from exc
             seconds = time.perf_counter() - start
             check_start = time.perf_counter()
             metrics = self.check(p.name, result.program, ran) if result.modified or index == 1 else (ledger[-1].metrics if ledger else {})

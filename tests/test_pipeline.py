@@ -243,6 +243,15 @@ class _Boom(Pass):
         raise RuntimeError("kaput")
 
 
+class _BoomInsideCompilekit(Pass):
+    name = "test.boom_inside"
+
+    def call(self, program):
+        from compilekit.ir import op_histogram
+
+        return op_histogram(None)  # fails inside compilekit/ir.py
+
+
 class _BreaksGraph(Pass):
     name = "test.breaks_graph"
 
@@ -315,6 +324,14 @@ def test_crashing_pass_is_wrapped_naming_it_and_the_passes_before(affine):
         manager.run(affine)
     assert "['cleanup.dead_code', 'test.honest']" in info.value.hint
     assert isinstance(info.value.__cause__, RuntimeError)
+    assert "(at " not in info.value.message  # it failed in the test's own code, not compilekit's
+
+
+def test_crashing_pass_says_where_in_compilekit_it_failed(affine):
+    with pytest.raises(PassError, match=r"pass test.boom_inside failed: AttributeError: .* \(at compilekit/ir.py:\d+ "
+                                        r"in op_histogram\)") as info:
+        PassManager([_BoomInsideCompilekit()]).run(affine)
+    assert "bug in the pass" in info.value.hint and "COMPILEKIT_DEBUG=1" in info.value.hint
 
 
 def test_contract_violation_inside_the_manager_stays_a_pass_error(affine):
