@@ -41,7 +41,7 @@ class QuantizePass(Pass):
     Options: ClassVar[type[QuantizeOptions]] = QuantizeOptions
 
     def quantize(self, program: Program, only: set[str] | None, keep_float: set[str]) -> PassResult:
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract: int8, int4_weight_only and fp8 implement it
 
     def observe(self, program: Program, nodes: list[str], **options: Any) -> dict:
         """Calibration statistics of the named nodes' outputs (calibrate.observe_values; `Linear.observed`),
